@@ -1,0 +1,278 @@
+//! The encoder commands: `embed`, `eval`, `bench`, and the model-folder tools.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::embed::{self, DeviceKind, EncoderOptions, Encoder, LoadedModel, Precision};
+use crate::sts;
+use crate::util::{peak_rss_mb, quantile};
+
+/// Which model to run and how; shared by every command that embeds.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model folder (Hugging Face layout) or hub id such as klue/bert-base.
+    #[arg(long, env = "STREAMBED_MODEL")]
+    pub model: String,
+    /// Text put before every input (e5 models want "query: " or "passage: ").
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Inputs per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ModelArgs {
+    pub fn options(&self) -> EncoderOptions {
+        EncoderOptions {
+            device: match self.device {
+                DeviceArg::Cpu => DeviceKind::Cpu,
+                DeviceArg::Cuda => DeviceKind::Cuda,
+            },
+            precision: match self.dtype {
+                DtypeArg::F32 => Precision::F32,
+                DtypeArg::F16 => Precision::F16,
+                DtypeArg::Bf16 => Precision::Bf16,
+            },
+            max_batch: self.batch_size,
+        }
+    }
+
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let m = embed::load_model(&self.model, &self.prefix, &self.options())?;
+        tracing::info!(
+            model = %m.info.name,
+            dim = m.info.dim,
+            pooling = m.info.pooling.as_str(),
+            normalize = m.info.normalize,
+            max_seq_length = m.info.max_seq_length,
+            "model loaded"
+        );
+        Ok(m)
+    }
+}
+
+/// Pulls the text out of one stdin line: a JSON object with a string `text` field, or the
+/// line itself.
+fn line_text(line: &str) -> Result<String, String> {
+    if line.trim_start().starts_with('{') {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+        return match v.get("text") {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err("field \"text\" is not a string".into()),
+            None => Err("JSON line has no \"text\" field".into()),
+        };
+    }
+    Ok(line.to_string())
+}
+
+/// `streambed embed`: one JSON line out per line in.
+pub fn embed_stdin(args: &ModelArgs) -> anyhow::Result<()> {
+    let m = args.load()?;
+    let stdin = std::io::stdin();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut lines = stdin.lock().lines();
+    let mut index = 0usize;
+    loop {
+        let mut chunk = Vec::with_capacity(args.batch_size);
+        for line in lines.by_ref().take(args.batch_size) {
+            chunk.push(line.context("reading stdin")?);
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        let prepared: Vec<Result<embed::Tokens, String>> = chunk
+            .iter()
+            .map(|l| {
+                line_text(l).and_then(|t| m.tokenizer.tokenize(&t).map_err(|e| e.to_string()))
+            })
+            .collect();
+        let ok: Vec<&[u32]> = prepared
+            .iter()
+            .filter_map(|p| p.as_ref().ok().map(|t| t.ids.as_slice()))
+            .collect();
+        let mut vectors = m.encoder.embed(&ok)?.into_iter();
+        for p in prepared {
+            let line = match p {
+                Ok(t) => serde_json::json!({
+                    "index": index,
+                    "tokens": t.ids.len(),
+                    "truncated": t.truncated,
+                    "vector": vectors.next().expect("one vector per ok input"),
+                }),
+                Err(e) => serde_json::json!({"index": index, "error": e}),
+            };
+            serde_json::to_writer(&mut out, &line)?;
+            out.write_all(b"\n")?;
+            index += 1;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Embeds every text (batched, tokenizer errors are fatal here: evaluation data is clean).
+fn embed_all(m: &LoadedModel, texts: &[String], batch: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch * 8) {
+        let toks = chunk
+            .iter()
+            .map(|t| m.tokenizer.tokenize(t).map(|t| t.ids))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&[u32]> = toks.iter().map(Vec::as_slice).collect();
+        out.extend(m.encoder.embed(&refs)?);
+    }
+    Ok(out)
+}
+
+/// Result of an STS evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalResult {
+    pub spearman: f64,
+    pub pearson: f64,
+    pub pairs: usize,
+}
+
+pub fn evaluate(m: &LoadedModel, pairs: &[sts::Pair], batch: usize) -> anyhow::Result<EvalResult> {
+    let a: Vec<String> = pairs.iter().map(|p| p.a.clone()).collect();
+    let b: Vec<String> = pairs.iter().map(|p| p.b.clone()).collect();
+    let va = embed_all(m, &a, batch)?;
+    let vb = embed_all(m, &b, batch)?;
+    let cos: Vec<f64> = va
+        .iter()
+        .zip(&vb)
+        .map(|(x, y)| embed::cosine(x, y) as f64)
+        .collect();
+    let gold: Vec<f64> = pairs.iter().map(|p| p.score).collect();
+    Ok(EvalResult {
+        spearman: sts::spearman(&cos, &gold),
+        pearson: sts::pearson(&cos, &gold),
+        pairs: pairs.len(),
+    })
+}
+
+/// `streambed eval`.
+pub fn eval(args: &ModelArgs, data: &PathBuf) -> anyhow::Result<()> {
+    let m = args.load()?;
+    let pairs = sts::load_pairs(data)?;
+    let r = evaluate(&m, &pairs, args.batch_size)?;
+    println!(
+        "spearman={:.4} pearson={:.4} pairs={}",
+        r.spearman, r.pearson, r.pairs
+    );
+    Ok(())
+}
+
+/// Reads benchmark sentences: an STS file (its distinct sentences) or plain text lines.
+pub fn read_sentences(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let is_sts = path
+        .extension()
+        .is_some_and(|e| e == "json" || e == "tsv");
+    if is_sts {
+        return Ok(sts::sentences(&sts::load_pairs(path)?));
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// Figures printed by `streambed bench`.
+#[derive(Debug, Clone)]
+pub struct BenchResult {
+    pub sentences: usize,
+    pub tokens: usize,
+    pub sent_per_s: f64,
+    pub tok_per_s: f64,
+    pub p50_batch_ms: f64,
+    pub p99_batch_ms: f64,
+    pub tokenize_s: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// Encoder-only throughput: tokenisation is timed separately, then every batch of
+/// `batch_size` sentences (in input order, as a stream would deliver them) is embedded and
+/// timed. The first batch is a warm-up and is not counted.
+pub fn bench_encoder(m: &LoadedModel, sentences: &[String], batch: usize) -> anyhow::Result<BenchResult> {
+    let t0 = Instant::now();
+    let toks = sentences
+        .iter()
+        .map(|s| m.tokenizer.tokenize(s).map(|t| t.ids))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tokenize_s = t0.elapsed().as_secs_f64();
+    let batches: Vec<Vec<&[u32]>> = toks
+        .chunks(batch)
+        .map(|c| c.iter().map(Vec::as_slice).collect())
+        .collect();
+    if let Some(first) = batches.first() {
+        m.encoder.embed(first)?;
+    }
+    let mut times = Vec::with_capacity(batches.len());
+    let started = Instant::now();
+    for b in &batches {
+        let t = Instant::now();
+        m.encoder.embed(b)?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let total = started.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let tokens: usize = toks.iter().map(Vec::len).sum();
+    Ok(BenchResult {
+        sentences: sentences.len(),
+        tokens,
+        sent_per_s: sentences.len() as f64 / total,
+        tok_per_s: tokens as f64 / total,
+        p50_batch_ms: quantile(&times, 0.5),
+        p99_batch_ms: quantile(&times, 0.99),
+        tokenize_s,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+/// `streambed bench`.
+pub fn bench(args: &ModelArgs, input: &PathBuf, limit: Option<usize>) -> anyhow::Result<()> {
+    let m = args.load()?;
+    let mut sentences = read_sentences(input)?;
+    if let Some(n) = limit {
+        sentences.truncate(n);
+    }
+    let r = bench_encoder(&m, &sentences, args.batch_size)?;
+    println!(
+        "sent_per_s={:.1} tok_per_s={:.0} p50_batch_ms={:.1} p99_batch_ms={:.1} peak_rss_mb={:.0} sentences={} tokens={} batch_size={} threads={} tokenize_s={:.2}",
+        r.sent_per_s,
+        r.tok_per_s,
+        r.p50_batch_ms,
+        r.p99_batch_ms,
+        r.peak_rss_mb,
+        r.sentences,
+        r.tokens,
+        args.batch_size,
+        candle_core::utils::get_num_threads(),
+        r.tokenize_s,
+    );
+    Ok(())
+}

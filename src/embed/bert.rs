@@ -1,0 +1,209 @@
+//! Our own BERT forward pass on candle. Written here rather than taken from
+//! candle-transformers so that the attention mask uses a value that stays finite in
+//! f16/bf16 (candle's uses `f32::MIN`, which becomes -inf and then NaN), Q, K and V run as
+//! one fused matmul, and pooling happens on the same device before anything is copied back.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::config::{BertConfig, Pooling};
+
+/// Added to attention scores of padding positions. exp(-10000) is 0 in every float type,
+/// and -10000 is representable in f16 and bf16.
+const MASKED_SCORE: f64 = -10_000.0;
+
+#[derive(Clone, Copy)]
+enum Activation {
+    GeluErf,
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::GeluErf => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+struct Layer {
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+pub struct Bert {
+    word: Embedding,
+    position: Tensor,
+    token_type0: Tensor,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    head_dim: usize,
+    act: Activation,
+    dtype: DType,
+    device: Device,
+}
+
+fn linear(vb: VarBuilder, n_in: usize, n_out: usize) -> candle_core::Result<Linear> {
+    let w = vb.get((n_out, n_in), "weight")?;
+    let b = vb.get(n_out, "bias")?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
+    let (w, b) = if vb.contains_tensor("weight") {
+        (vb.get(size, "weight")?, vb.get(size, "bias")?)
+    } else {
+        (vb.get(size, "gamma")?, vb.get(size, "beta")?)
+    };
+    Ok(LayerNorm::new(w, b, eps))
+}
+
+impl Bert {
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        let h = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        let word = Embedding::new(
+            emb.get((cfg.vocab_size, h), "word_embeddings.weight")?,
+            h,
+        );
+        let position = emb.get(
+            (cfg.max_position_embeddings, h),
+            "position_embeddings.weight",
+        )?;
+        let token_type0 = emb
+            .get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?
+            .get(0)?;
+        let emb_norm = layer_norm(emb.pp("LayerNorm"), h, cfg.layer_norm_eps)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layer.{i}"));
+            let att = l.pp("attention");
+            let q = linear(att.pp("self.query"), h, h)?;
+            let k = linear(att.pp("self.key"), h, h)?;
+            let v = linear(att.pp("self.value"), h, h)?;
+            let w = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+            let b = Tensor::cat(
+                &[
+                    q.bias().expect("bias loaded"),
+                    k.bias().expect("bias loaded"),
+                    v.bias().expect("bias loaded"),
+                ],
+                0,
+            )?;
+            layers.push(Layer {
+                qkv: Linear::new(w, Some(b)),
+                attn_out: linear(att.pp("output.dense"), h, h)?,
+                attn_norm: layer_norm(att.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                intermediate: linear(l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
+                output: linear(l.pp("output.dense"), cfg.intermediate_size, h)?,
+                out_norm: layer_norm(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+            });
+        }
+        let act = match cfg.hidden_act.as_str() {
+            "gelu" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "hidden_act {other:?} is not supported (gelu, gelu_new, relu are)"
+                )))
+            }
+        };
+        Ok(Self {
+            word,
+            position,
+            token_type0,
+            emb_norm,
+            layers,
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+            act,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs a padded batch and pools it. `ids` and `mask` are `(batch, len)`; `mask` is 1
+    /// for real tokens and 0 for padding. Returns `(batch, hidden)` in f32.
+    pub fn forward_pooled(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        pooling: Pooling,
+    ) -> candle_core::Result<Tensor> {
+        let (b, len) = ids.dims2()?;
+        let hidden = self.heads * self.head_dim;
+        let pos = self.position.narrow(0, 0, len)?;
+        let mut x = self
+            .word
+            .forward(ids)?
+            .broadcast_add(&pos)?
+            .broadcast_add(&self.token_type0)?;
+        x = self.emb_norm.forward(&x)?.reshape((b * len, hidden))?;
+
+        // (b, 1, 1, len): 0 where attended, MASKED_SCORE at padding.
+        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * (-MASKED_SCORE))?
+            .to_dtype(self.dtype)?
+            .reshape((b, 1, 1, len))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        for layer in &self.layers {
+            let qkv = layer
+                .qkv
+                .forward(&x)?
+                .reshape((b, len, 3, self.heads, self.head_dim))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()?;
+            let q = (qkv.get(0)? * scale)?;
+            let k = qkv.get(1)?;
+            let v = qkv.get(2)?;
+            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b * len, hidden))?;
+            let a = layer.attn_out.forward(&ctx)?;
+            x = layer.attn_norm.forward(&(a + &x)?)?;
+            let i = self.act.apply(&layer.intermediate.forward(&x)?)?;
+            let o = layer.output.forward(&i)?;
+            x = layer.out_norm.forward(&(o + &x)?)?;
+        }
+        let x = x.reshape((b, len, hidden))?.to_dtype(DType::F32)?;
+        let mask = mask.to_dtype(DType::F32)?;
+        match pooling {
+            Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1),
+            Pooling::Mean => {
+                let m = mask.unsqueeze(2)?;
+                let sum = x.broadcast_mul(&m)?.sum(1)?;
+                let count = mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?;
+                sum.broadcast_div(&count)
+            }
+            Pooling::Max => {
+                let pad = ((mask.unsqueeze(2)? - 1.0)? * 1e9)?;
+                x.broadcast_add(&pad)?.max(1)
+            }
+        }
+    }
+
+    pub fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {
+        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        x.broadcast_div(&norm)
+    }
+}

@@ -1,0 +1,272 @@
+//! The sentence encoder: model folders, tokenisation, the BERT forward pass, and the
+//! dedicated encoder thread that async code reaches through a bounded channel.
+
+pub mod bert;
+pub mod config;
+pub mod e5s1;
+pub mod hub;
+pub mod random;
+pub mod tokenize;
+pub mod worker;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use config::{ModelSpec, Pooling};
+pub use tokenize::{TextTokenizer, Tokens};
+
+/// Errors that stop the encoder as a whole (bad model folder, device failure).
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("model file {path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Resolve(String),
+    #[error("inference failed: {0}")]
+    Inference(#[from] candle_core::Error),
+    #[error("the encoder thread has stopped")]
+    Stopped,
+}
+
+/// Errors that concern one input only; the rest of its batch goes on. All are permanent:
+/// the same text fails the same way on a retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ItemError {
+    #[error("text is empty or has only whitespace/control characters")]
+    EmptyText,
+    #[error("tokenizer failed: {0}")]
+    Tokenize(String),
+}
+
+impl ItemError {
+    /// Short, stable label for metrics and dead-letter headers.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ItemError::EmptyText => "empty_text",
+            ItemError::Tokenize(_) => "tokenize_failed",
+        }
+    }
+}
+
+/// Turns token id sequences into sentence vectors. Synchronous on purpose: it runs on its
+/// own thread (see [`worker`]); async code never calls it directly.
+pub trait Encoder: Send + 'static {
+    fn dim(&self) -> usize;
+    /// One vector per input, in input order.
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError>;
+}
+
+/// Where the model runs and in which float type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl DeviceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// What the encoder needs to be built, besides the folder.
+#[derive(Debug, Clone)]
+pub struct EncoderOptions {
+    pub device: DeviceKind,
+    pub precision: Precision,
+    /// Inputs per forward pass; larger batches are split after sorting by length.
+    pub max_batch: usize,
+}
+
+impl Default for EncoderOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceKind::Cpu,
+            precision: Precision::F32,
+            max_batch: 32,
+        }
+    }
+}
+
+/// A loaded BERT sentence encoder.
+pub struct BertEncoder {
+    model: bert::Bert,
+    pooling: Pooling,
+    normalize: bool,
+    dim: usize,
+    max_batch: usize,
+}
+
+fn device_for(kind: DeviceKind) -> Result<Device, EmbedError> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda => {
+            if !cfg!(feature = "cuda") {
+                return Err(EmbedError::Resolve(
+                    "model.device = \"cuda\" needs a build with `--features cuda`; use \"cpu\" or rebuild"
+                        .into(),
+                ));
+            }
+            Device::new_cuda(0).map_err(EmbedError::Inference)
+        }
+    }
+}
+
+impl BertEncoder {
+    pub fn load(spec: &ModelSpec, opts: &EncoderOptions) -> Result<Self, EmbedError> {
+        let device = device_for(opts.device)?;
+        if device.is_cpu() && opts.precision == Precision::F16 {
+            return Err(EmbedError::Resolve(
+                "model.dtype = \"f16\" is for GPUs; on CPU use \"f32\" or \"bf16\"".into(),
+            ));
+        }
+        let dtype = opts.precision.dtype();
+        let is_safetensors = spec
+            .weights
+            .extension()
+            .is_some_and(|e| e == "safetensors");
+        let vb = if is_safetensors {
+            // SAFETY: the file is mapped read-only; the folder must not change while loaded,
+            // as with every memory-mapped model.
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&spec.weights], dtype, &device)? }
+        } else {
+            VarBuilder::from_pth(&spec.weights, dtype, &device)?
+        };
+        let model = bert::Bert::load(vb, &spec.bert).map_err(|e| EmbedError::Model {
+            path: spec.weights.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            model,
+            pooling: spec.pooling,
+            normalize: spec.normalize,
+            dim: spec.bert.hidden_size,
+            max_batch: opts.max_batch.max(1),
+        })
+    }
+
+    fn run_padded(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(seqs.len() * len);
+        let mut mask = Vec::with_capacity(seqs.len() * len);
+        for s in seqs {
+            ids.extend_from_slice(s);
+            ids.extend(std::iter::repeat_n(0u32, len - s.len()));
+            mask.extend(std::iter::repeat_n(1u8, s.len()));
+            mask.extend(std::iter::repeat_n(0u8, len - s.len()));
+        }
+        let device = self.model.device();
+        let ids = Tensor::from_vec(ids, (seqs.len(), len), device)?;
+        let mask = Tensor::from_vec(mask, (seqs.len(), len), device)?;
+        let mut pooled = self.model.forward_pooled(&ids, &mask, self.pooling)?;
+        if self.normalize {
+            pooled = bert::Bert::normalize(&pooled)?;
+        }
+        Ok(pooled.to_vec2::<f32>()?)
+    }
+}
+
+impl Encoder for BertEncoder {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Sorts the inputs by length so each forward pass pads little, runs them in chunks of
+    /// `max_batch`, and returns the vectors in input order.
+    fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].len());
+        let mut out = vec![Vec::new(); batch.len()];
+        for chunk in order.chunks(self.max_batch) {
+            let seqs: Vec<&[u32]> = chunk.iter().map(|&i| batch[i]).collect();
+            for (&i, v) in chunk.iter().zip(self.run_padded(&seqs)?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Model identity for logs, metrics and the store's collection check.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub dim: usize,
+    pub pooling: Pooling,
+    pub normalize: bool,
+    pub max_seq_length: usize,
+    pub device: DeviceKind,
+    pub precision: Precision,
+}
+
+/// A model ready to use: the tokenizer (cheap to clone, usable from any thread) and the
+/// encoder (to be moved onto its thread).
+pub struct LoadedModel {
+    pub tokenizer: TextTokenizer,
+    pub encoder: BertEncoder,
+    pub info: ModelInfo,
+}
+
+/// Resolves `model` (a folder or a hub id), reads it and loads the weights.
+pub fn load_model(model: &str, prefix: &str, opts: &EncoderOptions) -> Result<LoadedModel, EmbedError> {
+    let dir = hub::resolve(model)?;
+    let spec = ModelSpec::read(&dir)?;
+    let tokenizer = TextTokenizer::load(&dir, spec.max_seq_length, prefix)?;
+    let encoder = BertEncoder::load(&spec, opts)?;
+    let info = ModelInfo {
+        name: model.to_string(),
+        dim: spec.bert.hidden_size,
+        pooling: spec.pooling,
+        normalize: spec.normalize,
+        max_seq_length: spec.max_seq_length,
+        device: opts.device,
+        precision: opts.precision,
+    };
+    Ok(LoadedModel {
+        tokenizer,
+        encoder,
+        info,
+    })
+}
+
+/// Cosine similarity of two vectors (not assumed normalised).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        dot += (*x as f64) * (*y as f64);
+        na += (*x as f64) * (*x as f64);
+        nb += (*y as f64) * (*y as f64);
+    }
+    (dot / (na.sqrt() * nb.sqrt()).max(1e-12)) as f32
+}

@@ -1,0 +1,176 @@
+//! Text to token ids: prefix, Unicode NFC, the model's own tokenizer, truncation at
+//! `max_seq_length`. Loads `tokenizer.json`, or builds a BERT WordPiece tokenizer from
+//! `vocab.txt` (+ `tokenizer_config.json` for lower-casing) when there is none.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
+use unicode_normalization::UnicodeNormalization;
+
+use super::{EmbedError, ItemError};
+
+/// Characters kept before tokenising. A token always covers at least one character, so
+/// cutting far past `max_seq_length` characters never changes the kept tokens, while it
+/// bounds the work a 10 MB message can cause.
+const CHARS_PER_TOKEN_BOUND: usize = 32;
+
+/// One input after tokenisation.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// Token ids including the model's special tokens, at most `max_seq_length` long.
+    pub ids: Vec<u32>,
+    /// The input was longer than `max_seq_length` tokens and was cut.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct TokenizerConfig {
+    do_lower_case: Option<bool>,
+    strip_accents: Option<bool>,
+    tokenize_chinese_chars: Option<bool>,
+}
+
+/// Thread-safe text preparation; clone it freely (the tokenizer is shared).
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: std::sync::Arc<Tokenizer>,
+    prefix: String,
+    max_seq_length: usize,
+    /// Ids of the special tokens plus the prefix: an input that yields no more than these
+    /// had no content.
+    empty_len: usize,
+}
+
+impl TextTokenizer {
+    pub fn load(dir: &Path, max_seq_length: usize, prefix: &str) -> Result<Self, EmbedError> {
+        let json = dir.join("tokenizer.json");
+        let mut tokenizer = if json.exists() {
+            Tokenizer::from_file(&json).map_err(|e| EmbedError::Model {
+                path: json.clone(),
+                reason: format!("cannot load tokenizer: {e}"),
+            })?
+        } else {
+            wordpiece_from_vocab(dir)?
+        };
+        // Folders often pin padding to a fixed length (all-MiniLM-L6-v2 pads to 128); the
+        // encoder pads per batch itself, so padding here would only waste compute.
+        tokenizer.with_padding(None::<PaddingParams>);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_length,
+                ..Default::default()
+            }))
+            .map_err(|e| EmbedError::Model {
+                path: dir.to_path_buf(),
+                reason: format!("cannot set truncation: {e}"),
+            })?;
+        let empty_len = tokenizer
+            .encode(prefix, true)
+            .map(|e| e.get_ids().len())
+            .unwrap_or(2);
+        Ok(Self {
+            inner: std::sync::Arc::new(tokenizer),
+            prefix: prefix.to_string(),
+            max_seq_length,
+            empty_len,
+        })
+    }
+
+    pub fn max_seq_length(&self) -> usize {
+        self.max_seq_length
+    }
+
+    /// Prepares one text. Empty or whitespace-only text, or text with nothing the
+    /// tokenizer keeps (control characters only), is a permanent per-item error.
+    pub fn tokenize(&self, text: &str) -> Result<Tokens, ItemError> {
+        if text.trim().is_empty() {
+            return Err(ItemError::EmptyText);
+        }
+        let limit = self.max_seq_length * CHARS_PER_TOKEN_BOUND;
+        let mut prepared = String::with_capacity(self.prefix.len() + text.len().min(limit * 4));
+        prepared.push_str(&self.prefix);
+        let mut cut = false;
+        for (n, c) in text.nfc().enumerate() {
+            if n >= limit {
+                cut = true;
+                break;
+            }
+            prepared.push(c);
+        }
+        let encoding = self
+            .inner
+            .encode(prepared.as_str(), true)
+            .map_err(|e| ItemError::Tokenize(e.to_string()))?;
+        let ids = encoding.get_ids();
+        if ids.len() <= self.empty_len {
+            return Err(ItemError::EmptyText);
+        }
+        let truncated = cut || !encoding.get_overflowing().is_empty();
+        Ok(Tokens {
+            ids: ids.to_vec(),
+            truncated,
+        })
+    }
+}
+
+fn wordpiece_from_vocab(dir: &Path) -> Result<Tokenizer, EmbedError> {
+    let vocab = dir.join("vocab.txt");
+    if !vocab.exists() {
+        return Err(EmbedError::Model {
+            path: dir.to_path_buf(),
+            reason: "neither tokenizer.json nor vocab.txt is in the folder".into(),
+        });
+    }
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg: TokenizerConfig = if cfg_path.exists() {
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| EmbedError::Model {
+            path: cfg_path.clone(),
+            reason: e.to_string(),
+        })?;
+        serde_json::from_str(&text).map_err(|e| EmbedError::Model {
+            path: cfg_path.clone(),
+            reason: format!("invalid JSON: {e}"),
+        })?
+    } else {
+        TokenizerConfig::default()
+    };
+    let model_err = |reason: String| EmbedError::Model {
+        path: vocab.clone(),
+        reason,
+    };
+    let wordpiece = WordPiece::from_file(&vocab.to_string_lossy())
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(|e| model_err(format!("cannot read vocabulary: {e}")))?;
+    let id = |t: &str| {
+        wordpiece_token_id(&vocab, t).ok_or_else(|| model_err(format!("vocabulary lacks {t}")))
+    };
+    let cls = id("[CLS]")?;
+    let sep = id("[SEP]")?;
+    let lowercase = cfg.do_lower_case.unwrap_or(true);
+    let mut tokenizer = Tokenizer::new(wordpiece);
+    tokenizer.with_normalizer(Some(BertNormalizer::new(
+        true,
+        cfg.tokenize_chinese_chars.unwrap_or(true),
+        cfg.strip_accents,
+        lowercase,
+    )));
+    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+    tokenizer.with_post_processor(Some(BertProcessing::new(
+        ("[SEP]".into(), sep),
+        ("[CLS]".into(), cls),
+    )));
+    Ok(tokenizer)
+}
+
+fn wordpiece_token_id(vocab: &Path, token: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(vocab).ok()?;
+    text.lines()
+        .position(|l| l.trim_end_matches('\r') == token)
+        .map(|p| p as u32)
+}

@@ -1,0 +1,134 @@
+//! Which offsets may be committed. Offsets are registered in the order they are read and
+//! completed in any order (a dead letter may finish before an earlier message's vector is
+//! written); the position to commit moves only over the contiguous prefix of completed
+//! offsets, so a crash can replay work but never skip it.
+
+use std::collections::{HashMap, VecDeque};
+
+/// A topic partition.
+pub type Tp = (String, i32);
+
+#[derive(Debug, Default)]
+struct Partition {
+    /// Assignment generation; completions from an older generation are ignored.
+    generation: u64,
+    /// Read but not yet committable, in offset order, with a done flag.
+    pending: VecDeque<(i64, bool)>,
+}
+
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    parts: HashMap<Tp, Partition>,
+    next_generation: u64,
+}
+
+impl OffsetTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts tracking a partition (on assignment) and returns its generation.
+    pub fn assign(&mut self, tp: &Tp) -> u64 {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.parts.insert(
+            tp.clone(),
+            Partition {
+                generation,
+                pending: VecDeque::new(),
+            },
+        );
+        generation
+    }
+
+    /// Stops tracking a partition (after revoke); late completions for it are ignored.
+    pub fn revoke(&mut self, tp: &Tp) {
+        self.parts.remove(tp);
+    }
+
+    pub fn generation(&self, tp: &Tp) -> Option<u64> {
+        self.parts.get(tp).map(|p| p.generation)
+    }
+
+    /// Records that `offset` was read. Offsets of a partition must arrive increasing.
+    pub fn register(&mut self, tp: &Tp, offset: i64) -> u64 {
+        if !self.parts.contains_key(tp) {
+            self.assign(tp);
+        }
+        let p = self.parts.get_mut(tp).expect("assigned above");
+        debug_assert!(p.pending.back().is_none_or(|(o, _)| *o < offset));
+        p.pending.push_back((offset, false));
+        p.generation
+    }
+
+    /// Marks `offset` finished. Returns the offset to commit (the next one to read) when
+    /// the finished prefix grew.
+    pub fn complete(&mut self, tp: &Tp, generation: u64, offset: i64) -> Option<i64> {
+        let p = self.parts.get_mut(tp)?;
+        if p.generation != generation {
+            return None;
+        }
+        let i = p.pending.binary_search_by_key(&offset, |(o, _)| *o).ok()?;
+        p.pending[i].1 = true;
+        let mut next = None;
+        while let Some(&(o, true)) = p.pending.front() {
+            next = Some(o + 1);
+            p.pending.pop_front();
+        }
+        next
+    }
+
+    /// Offsets read but not yet committable on this partition.
+    pub fn in_flight(&self, tp: &Tp) -> usize {
+        self.parts.get(tp).map_or(0, |p| p.pending.len())
+    }
+
+    pub fn total_in_flight(&self) -> usize {
+        self.parts.values().map(|p| p.pending.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp() -> Tp {
+        ("t".into(), 0)
+    }
+
+    #[test]
+    fn commits_only_the_contiguous_prefix() {
+        let mut t = OffsetTracker::new();
+        let g = t.assign(&tp());
+        for o in 10..15 {
+            t.register(&tp(), o);
+        }
+        assert_eq!(t.complete(&tp(), g, 12), None);
+        assert_eq!(t.complete(&tp(), g, 11), None);
+        assert_eq!(t.complete(&tp(), g, 10), Some(13));
+        assert_eq!(t.in_flight(&tp()), 2);
+        assert_eq!(t.complete(&tp(), g, 14), None);
+        assert_eq!(t.complete(&tp(), g, 13), Some(15));
+        assert_eq!(t.total_in_flight(), 0);
+    }
+
+    #[test]
+    fn stale_generation_is_ignored() {
+        let mut t = OffsetTracker::new();
+        let g1 = t.assign(&tp());
+        t.register(&tp(), 5);
+        t.revoke(&tp());
+        let g2 = t.assign(&tp());
+        t.register(&tp(), 5);
+        assert_eq!(t.complete(&tp(), g1, 5), None);
+        assert_eq!(t.complete(&tp(), g2, 5), Some(6));
+    }
+
+    #[test]
+    fn unknown_offsets_do_not_panic() {
+        let mut t = OffsetTracker::new();
+        let g = t.assign(&tp());
+        assert_eq!(t.complete(&tp(), g, 99), None);
+        assert_eq!(t.complete(&("x".into(), 1), g, 1), None);
+    }
+}

@@ -1,0 +1,411 @@
+//! Settings: one typed tree, layered (compiled-in defaults, `config/default.toml`,
+//! `config/$RUN_MODE.toml`, `--config FILE`, `STREAMBED__SECTION__KEY` variables), unknown
+//! keys rejected, validated before any work starts. Secrets are redacted from `Debug`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::embed::{DeviceKind, Precision};
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// A string that never shows in `Debug` or logs.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"<redacted>\"")
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub model: ModelSettings,
+    pub kafka: KafkaSettings,
+    pub message: MessageSettings,
+    pub batch: BatchSettings,
+    pub sink: SinkSettings,
+    pub qdrant: QdrantSettings,
+    pub embedded: EmbeddedSettings,
+    pub metrics: MetricsSettings,
+    pub log: LogSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Folder or hub id.
+    pub path: String,
+    pub prefix: String,
+    pub query_prefix: String,
+    pub device: DeviceKind,
+    pub dtype: Precision,
+    pub forward_batch: usize,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    pub auto_offset_reset: String,
+    pub dead_letter_topic: String,
+    pub session_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// librdkafka properties whose values are secret.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") || k.contains("jaas")
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) { "<redacted>" } else { v.as_str() };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("group_id", &self.group_id)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("properties", &props)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageFormat {
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageSettings {
+    pub format: MessageFormat,
+    pub text_field: String,
+    /// Empty in the file means none.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub id_field: Option<String>,
+    pub metadata_fields: Vec<String>,
+    pub max_message_bytes: usize,
+}
+
+impl Default for MessageSettings {
+    fn default() -> Self {
+        Self {
+            format: MessageFormat::Auto,
+            text_field: "text".into(),
+            id_field: Some("id".into()),
+            metadata_fields: Vec::new(),
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    pub max_items: usize,
+    pub max_tokens: usize,
+    pub linger_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    Embedded,
+    Qdrant,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    pub kind: SinkKind,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QdrantSettings {
+    pub url: String,
+    pub collection: String,
+    pub api_key: Secret,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedSettings {
+    pub path: String,
+    pub collection: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Empty disables the HTTP server.
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    pub deadline_ms: u64,
+}
+
+/// A setting that is wrong, with the key and what would be right.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("settings could not be read: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("setting `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+impl Settings {
+    /// Loads every layer and validates. `file` is `--config`.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("STREAMBED__") || k == "RUN_MODE")
+            .collect();
+        let mut b = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .add_source(config::File::with_name("config/default").required(false));
+        if let Some(mode) = env.get("RUN_MODE") {
+            b = b.add_source(config::File::with_name(&format!("config/{mode}")).required(false));
+        }
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(invalid("--config", format!("names {} which does not exist", f.display())));
+            }
+            b = b.add_source(config::File::from(f));
+        }
+        let source = config::Environment::with_prefix("STREAMBED")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("kafka.topics")
+            .with_list_parse_key("message.metadata_fields")
+            .source(Some(env.into_iter().collect()));
+        let settings: Settings = b.add_source(source).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot. Messages name the key and the fix.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.model.path.trim().is_empty() {
+            return Err(invalid("model.path", "is empty; set a model folder or a hub id such as klue/bert-base"));
+        }
+        if self.model.forward_batch == 0 {
+            return Err(invalid("model.forward_batch", "must be at least 1 (32 is a good CPU value)"));
+        }
+        if self.model.dtype == Precision::F16 && self.model.device == DeviceKind::Cpu {
+            return Err(invalid("model.dtype", "= \"f16\" needs model.device = \"cuda\"; on CPU use \"f32\" or \"bf16\""));
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "is empty; give host:port[,host:port]"));
+        }
+        if self.kafka.topics.is_empty() || self.kafka.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(invalid("kafka.topics", "must list at least one non-empty topic name"));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", "is empty; replicas sharing the work use the same group id"));
+        }
+        if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
+            return Err(invalid("kafka.auto_offset_reset", format!("is {:?}; use \"earliest\" or \"latest\"", self.kafka.auto_offset_reset)));
+        }
+        if self.kafka.dead_letter_topic.trim().is_empty() {
+            return Err(invalid("kafka.dead_letter_topic", "is empty; bad messages must go somewhere (e.g. \"streambed-dead-letter\")"));
+        }
+        if self.kafka.topics.contains(&self.kafka.dead_letter_topic) {
+            return Err(invalid("kafka.dead_letter_topic", "is also in kafka.topics; that would loop"));
+        }
+        for k in self.kafka.properties.keys() {
+            if matches!(k.as_str(), "enable.auto.offset.store" | "group.id" | "bootstrap.servers") {
+                return Err(invalid("kafka.properties", format!("sets {k:?}, which streambed manages; use the kafka.* keys instead")));
+            }
+        }
+        if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms {
+            return Err(invalid("kafka.heartbeat_interval_ms", "must be at most a third of kafka.session_timeout_ms"));
+        }
+        if self.message.text_field.is_empty() {
+            return Err(invalid("message.text_field", "is empty; name the JSON field holding the text (e.g. \"text\")"));
+        }
+        if self.message.max_message_bytes == 0 {
+            return Err(invalid("message.max_message_bytes", "must be positive (e.g. 1048576)"));
+        }
+        if self.batch.max_items == 0 {
+            return Err(invalid("batch.max_items", "must be at least 1 (64 is a good CPU value)"));
+        }
+        if self.batch.max_tokens < 512 {
+            return Err(invalid("batch.max_tokens", "must be at least 512 so one full-length text fits"));
+        }
+        if self.batch.linger_ms > 60_000 {
+            return Err(invalid("batch.linger_ms", "is over a minute; use a few milliseconds to a second"));
+        }
+        if self.sink.retry_initial_ms == 0 || self.sink.retry_max_ms < self.sink.retry_initial_ms {
+            return Err(invalid("sink.retry_max_ms", "must be >= sink.retry_initial_ms > 0"));
+        }
+        match self.sink.kind {
+            SinkKind::Qdrant => {
+                let u = &self.qdrant.url;
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(invalid("qdrant.url", format!("is {u:?}; with sink.kind = \"qdrant\" give the gRPC URL, e.g. http://localhost:6334")));
+                }
+                if self.qdrant.collection.is_empty() {
+                    return Err(invalid("qdrant.collection", "is empty"));
+                }
+            }
+            SinkKind::Embedded => {
+                if self.embedded.path.is_empty() {
+                    return Err(invalid("embedded.path", "is empty; give a folder for the store"));
+                }
+                if self.embedded.collection.is_empty() {
+                    return Err(invalid("embedded.collection", "is empty"));
+                }
+            }
+        }
+        if !self.metrics.addr.is_empty() && self.metrics.addr.parse::<SocketAddr>().is_err() {
+            return Err(invalid("metrics.addr", format!("is {:?}; give ip:port such as 0.0.0.0:9464, or \"\" to disable", self.metrics.addr)));
+        }
+        if self.shutdown.deadline_ms == 0 {
+            return Err(invalid("shutdown.deadline_ms", "must be positive (e.g. 30000)"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load_and_env_overrides() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("STREAMBED__KAFKA__BROKERS", "b1:9092,b2:9092"),
+                ("STREAMBED__KAFKA__TOPICS", "a,b"),
+                ("STREAMBED__BATCH__MAX_ITEMS", "8"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.brokers, "b1:9092,b2:9092");
+        assert_eq!(s.kafka.topics, vec!["a", "b"]);
+        assert_eq!(s.batch.max_items, 8);
+        assert_eq!(s.sink.kind, SinkKind::Embedded);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Settings::load_from(None, env(&[("STREAMBED__BATCH__MAX_ITEM", "8")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_item"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Settings::load_from(None, env(&[("STREAMBED__SINK__KIND", "qdrant")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("qdrant.url"), "{err}");
+        let err = Settings::load_from(None, env(&[("STREAMBED__KAFKA__AUTO_OFFSET_RESET", "oldest")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka.auto_offset_reset") && err.contains("earliest"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("STREAMBED__QDRANT__API_KEY", "hunter2-key"),
+                ("STREAMBED__KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2-pass"),
+            ]),
+        )
+        .unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert_eq!(s.qdrant.api_key.expose(), "hunter2-key");
+    }
+}

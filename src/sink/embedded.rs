@@ -1,0 +1,201 @@
+//! Qdrant's own engine in process (`qdrant-edge`): one shard directory per collection,
+//! cosine distance, payloads, on disk. Every write is flushed before it is acknowledged,
+//! because qdrant-edge 0.7 does not replay its WAL on load: unflushed segments would be
+//! lost on a crash.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use qdrant_edge::{
+    CountRequest, Distance, EdgeConfig, EdgeShard, EdgeVectorParams, PointId, PointInsertOperations,
+    PointOperations, PointStruct, QueryEnum, SearchRequest, UpdateOperation, WithPayloadInterface,
+    WithVector,
+};
+use uuid::Uuid;
+
+use super::{Hit, Point, Sink, SinkError};
+
+pub struct EmbeddedSink {
+    path: PathBuf,
+    shard: Arc<Mutex<Option<Arc<EdgeShard>>>>,
+}
+
+fn err(e: impl std::fmt::Display) -> SinkError {
+    SinkError::Transient(e.to_string())
+}
+
+fn to_hit(
+    id: PointId,
+    score: f32,
+    payload: Option<qdrant_edge::Payload>,
+    vector: Option<qdrant_edge::VectorStructInternal>,
+) -> Hit {
+    let id = match id {
+        PointId::NumId(n) => n.to_string(),
+        PointId::Uuid(u) => u.to_string(),
+    };
+    let payload = payload
+        .map(|p| p.0.into_iter().collect())
+        .unwrap_or_default();
+    let vector = vector.and_then(|v| match v {
+        qdrant_edge::VectorStructInternal::Single(d) => Some(d),
+        _ => None,
+    });
+    Hit {
+        id,
+        score,
+        payload,
+        vector,
+    }
+}
+
+impl EmbeddedSink {
+    /// Does no I/O; the shard is opened by [`Sink::ensure_collection`].
+    pub fn open(path: PathBuf) -> Self {
+        Self {
+            path,
+            shard: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn shard(&self) -> Result<Arc<EdgeShard>, SinkError> {
+        self.shard
+            .lock()
+            .expect("shard lock")
+            .clone()
+            .ok_or_else(|| SinkError::Permanent("embedded store used before ensure_collection".into()))
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EdgeShard) -> Result<T, SinkError> + Send + 'static,
+    ) -> Result<T, SinkError> {
+        let shard = self.shard()?;
+        tokio::task::spawn_blocking(move || f(&shard))
+            .await
+            .map_err(err)?
+    }
+}
+
+impl Sink for EmbeddedSink {
+    async fn ensure_collection(&self, dim: usize) -> Result<(), SinkError> {
+        let path = self.path.clone();
+        let shard = tokio::task::spawn_blocking(move || -> Result<EdgeShard, SinkError> {
+            if path.join("edge_config.json").exists() {
+                let shard = EdgeShard::load(&path, None).map_err(err)?;
+                let existing = shard
+                    .config()
+                    .vectors
+                    .get(qdrant_edge::DEFAULT_VECTOR_NAME)
+                    .map(|v| (v.size, v.distance));
+                if existing != Some((dim, Distance::Cosine)) {
+                    return Err(SinkError::Permanent(format!(
+                        "embedded store {} holds vectors {:?}, but the model makes {dim}-dimension cosine vectors; \
+                         use another embedded.path or embedded.collection, or remove the folder",
+                        path.display(),
+                        existing
+                    )));
+                }
+                Ok(shard)
+            } else {
+                std::fs::create_dir_all(&path).map_err(err)?;
+                let config = EdgeConfig::builder()
+                    .vector(
+                        qdrant_edge::DEFAULT_VECTOR_NAME,
+                        EdgeVectorParams::builder(dim, Distance::Cosine).build(),
+                    )
+                    .build();
+                EdgeShard::new(&path, config).map_err(err)
+            }
+        })
+        .await
+        .map_err(err)??;
+        *self.shard.lock().expect("shard lock") = Some(Arc::new(shard));
+        Ok(())
+    }
+
+    async fn write(&self, upserts: Vec<Point>, deletes: Vec<Uuid>) -> Result<(), SinkError> {
+        self.blocking(move |shard| {
+            if !upserts.is_empty() {
+                let points = upserts
+                    .into_iter()
+                    .map(|p| {
+                        PointStruct::new(
+                            PointId::Uuid(p.id),
+                            p.vector,
+                            serde_json::Value::Object(p.payload),
+                        )
+                        .into()
+                    })
+                    .collect::<Vec<_>>();
+                shard
+                    .update(UpdateOperation::PointOperation(PointOperations::UpsertPoints(
+                        PointInsertOperations::PointsList(points),
+                    )))
+                    .map_err(err)?;
+            }
+            if !deletes.is_empty() {
+                let ids = deletes.into_iter().map(PointId::Uuid).collect();
+                shard
+                    .update(UpdateOperation::PointOperation(PointOperations::DeletePoints {
+                        ids,
+                    }))
+                    .map_err(err)?;
+            }
+            shard.flush();
+            Ok(())
+        })
+        .await
+    }
+
+    async fn search(&self, vector: Vec<f32>, top_k: usize) -> Result<Vec<Hit>, SinkError> {
+        self.blocking(move |shard| {
+            let req = SearchRequest {
+                query: QueryEnum::Nearest(qdrant_edge::NamedQuery::default_dense(vector)),
+                filter: None,
+                params: None,
+                limit: top_k,
+                offset: 0,
+                with_payload: Some(WithPayloadInterface::Bool(true)),
+                with_vector: None,
+                score_threshold: None,
+            };
+            let found = shard.search(req).map_err(err)?;
+            Ok(found
+                .into_iter()
+                .map(|p| to_hit(p.id, p.score, p.payload, None))
+                .collect())
+        })
+        .await
+    }
+
+    async fn retrieve(&self, ids: Vec<Uuid>) -> Result<Vec<Hit>, SinkError> {
+        self.blocking(move |shard| {
+            let ids: Vec<PointId> = ids.into_iter().map(PointId::Uuid).collect();
+            let found = shard
+                .retrieve(&ids, Some(WithPayloadInterface::Bool(true)), Some(WithVector::Bool(true)))
+                .map_err(err)?;
+            Ok(found
+                .into_iter()
+                .map(|r| to_hit(r.id, 0.0, r.payload, r.vector))
+                .collect())
+        })
+        .await
+    }
+
+    async fn count(&self) -> Result<usize, SinkError> {
+        self.blocking(|shard| {
+            shard
+                .count(CountRequest {
+                    filter: None,
+                    exact: true,
+                })
+                .map_err(err)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        self.shard().map(|_| ())
+    }
+}

@@ -1,0 +1,106 @@
+//! Where vectors go. A write returns only once the points are durable in the store; only
+//! then may their offsets be committed.
+
+pub mod embedded;
+pub mod qdrant;
+
+use std::future::Future;
+
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// One point to write.
+#[derive(Debug, Clone)]
+pub struct Point {
+    pub id: Uuid,
+    pub vector: Vec<f32>,
+    pub payload: Map<String, Value>,
+}
+
+/// A search result or a retrieved point.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub id: String,
+    pub score: f32,
+    pub payload: Map<String, Value>,
+    pub vector: Option<Vec<f32>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Worth retrying (store down, timeout); nothing is committed meanwhile.
+    #[error("store unavailable: {0}")]
+    Transient(String),
+    /// Retrying will not help (collection of another dimension, bad credentials).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// A vector store.
+pub trait Sink: Send + Sync + 'static {
+    /// Creates the collection when missing (cosine, `dim` dimensions); fails with a clear
+    /// message when it exists with another shape.
+    fn ensure_collection(&self, dim: usize) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Upserts then deletes, durably (`wait=true` / flushed) before returning.
+    fn write(
+        &self,
+        upserts: Vec<Point>,
+        deletes: Vec<Uuid>,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+    fn search(
+        &self,
+        vector: Vec<f32>,
+        top_k: usize,
+    ) -> impl Future<Output = Result<Vec<Hit>, SinkError>> + Send;
+    fn retrieve(&self, ids: Vec<Uuid>) -> impl Future<Output = Result<Vec<Hit>, SinkError>> + Send;
+    fn count(&self) -> impl Future<Output = Result<usize, SinkError>> + Send;
+    /// Cheap reachability check for `/readyz`.
+    fn ping(&self) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// The configured store, without dynamic dispatch.
+pub enum AnySink {
+    Embedded(embedded::EmbeddedSink),
+    Qdrant(qdrant::QdrantSink),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnySink::Embedded($s) => $e,
+            AnySink::Qdrant($s) => $e,
+        }
+    };
+}
+
+impl Sink for AnySink {
+    async fn ensure_collection(&self, dim: usize) -> Result<(), SinkError> {
+        dispatch!(self, s => s.ensure_collection(dim).await)
+    }
+    async fn write(&self, upserts: Vec<Point>, deletes: Vec<Uuid>) -> Result<(), SinkError> {
+        dispatch!(self, s => s.write(upserts, deletes).await)
+    }
+    async fn search(&self, vector: Vec<f32>, top_k: usize) -> Result<Vec<Hit>, SinkError> {
+        dispatch!(self, s => s.search(vector, top_k).await)
+    }
+    async fn retrieve(&self, ids: Vec<Uuid>) -> Result<Vec<Hit>, SinkError> {
+        dispatch!(self, s => s.retrieve(ids).await)
+    }
+    async fn count(&self) -> Result<usize, SinkError> {
+        dispatch!(self, s => s.count().await)
+    }
+    async fn ping(&self) -> Result<(), SinkError> {
+        dispatch!(self, s => s.ping().await)
+    }
+}
+
+/// Opens the store the settings name.
+pub async fn open(settings: &crate::settings::Settings) -> Result<AnySink, SinkError> {
+    use crate::settings::SinkKind;
+    match settings.sink.kind {
+        SinkKind::Embedded => Ok(AnySink::Embedded(embedded::EmbeddedSink::open(
+            std::path::Path::new(&settings.embedded.path).join(&settings.embedded.collection),
+        ))),
+        SinkKind::Qdrant => Ok(AnySink::Qdrant(qdrant::QdrantSink::connect(&settings.qdrant)?)),
+    }
+}
