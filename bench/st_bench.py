@@ -1,0 +1,83 @@
+"""sentence-transformers (PyTorch) reference figures for the same model folders and data
+that `streambed bench` uses. Prints one line per precision in streambed's format.
+
+    python3 bench/st_bench.py --model models/multilingual-e5-small --input datasets/korsts/sts-dev.tsv \
+        --batch-size 32 --limit 1024 [--prefix "query: "] [--bf16]
+"""
+import argparse
+import csv
+import json
+import os
+import resource
+import sys
+import time
+
+
+def sentences(path, limit):
+    if path.endswith(".json"):
+        rows = json.load(open(path, encoding="utf-8"))
+        pairs = [(r["sentence1"], r["sentence2"]) for r in rows]
+    elif path.endswith(".tsv"):
+        with open(path, encoding="utf-8") as f:
+            r = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            next(r)
+            pairs = [(row[5], row[6]) for row in r]
+    else:
+        return [l.rstrip("\n") for l in open(path, encoding="utf-8") if l.strip()][:limit]
+    seen, out = set(), []
+    for a, b in pairs:
+        for s in (a, b):
+            if s not in seen:
+                seen.add(s)
+                out.append(s)
+    return out[:limit] if limit else out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--prefix", default="")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("ST_THREADS", "0")) or None)
+    ap.add_argument("--bf16", action="store_true", help="also run under CPU bf16 autocast")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = SentenceTransformer(args.model, device=args.device)
+    texts = [args.prefix + s for s in sentences(args.input, args.limit)]
+    tok = model.tokenizer(texts, add_special_tokens=True)["input_ids"]
+    tokens = sum(min(len(t), model.max_seq_length) for t in tok)
+    runs = [("fp32", None)]
+    if args.bf16:
+        runs.append(("bf16", torch.bfloat16))
+    for name, dtype in runs:
+        def go():
+            if dtype is None:
+                return model.encode(texts, batch_size=args.batch_size)
+            if args.device == "cpu":
+                with torch.autocast("cpu", dtype=dtype):
+                    return model.encode(texts, batch_size=args.batch_size)
+            model.to(dtype)
+            return model.encode(texts, batch_size=args.batch_size)
+        model.encode(texts[: args.batch_size], batch_size=args.batch_size)  # warm-up
+        t = time.perf_counter()
+        go()
+        dt = time.perf_counter() - t
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"engine=sentence-transformers dtype={name} sent_per_s={len(texts)/dt:.1f} "
+            f"tok_per_s={tokens/dt:.0f} peak_rss_mb={rss:.0f} sentences={len(texts)} "
+            f"batch_size={args.batch_size} threads={torch.get_num_threads()}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

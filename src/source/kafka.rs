@@ -1,0 +1,388 @@
+//! The Kafka source: a consumer-group member that decodes records into pipeline items,
+//! stores offsets only for finished work (contiguous prefix per partition), drains revoked
+//! partitions before letting them go, pauses when the pipeline is full, and dead-letters
+//! bad records to a topic with headers saying why.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+
+use super::decode::{decode, Decoded, Record, Rejection};
+use crate::metrics::Metrics;
+use crate::offsets::{OffsetTracker, Tp};
+use crate::pipeline::{Completion, DeadLetters, Item, Op, Origin};
+use crate::settings::{is_secret_property, KafkaSettings, MessageSettings};
+
+pub type Tracker = Arc<Mutex<OffsetTracker>>;
+
+/// Header names on dead-letter records.
+pub const H_REASON: &str = "streambed.reason";
+pub const H_ERROR: &str = "streambed.error";
+pub const H_CLASS: &str = "streambed.error_class";
+pub const H_TOPIC: &str = "streambed.original_topic";
+pub const H_PARTITION: &str = "streambed.original_partition";
+pub const H_OFFSET: &str = "streambed.original_offset";
+
+/// Consumer callbacks: lag from librdkafka statistics, drain-then-commit on revoke.
+pub struct SourceContext {
+    tracker: Tracker,
+    metrics: Metrics,
+    drain_timeout: Duration,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in stats.topics {
+            for (p, part) in t.partitions {
+                if p >= 0 && part.consumer_lag >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[topic.as_str(), &p.to_string()])
+                        .set(part.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+fn tps(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl SourceContext {
+    fn drain(&self, revoked: &[Tp]) {
+        let deadline = Instant::now() + self.drain_timeout;
+        loop {
+            let left: usize = {
+                let t = self.tracker.lock().expect("tracker lock");
+                revoked.iter().map(|tp| t.in_flight(tp)).sum()
+            };
+            if left == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(left, "revoked partitions not drained in time; their tail will be replayed by the next owner");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked = tps(tpl);
+            // Let the pipeline finish what it holds for these partitions, so their offsets
+            // are committed by us rather than replayed by the next owner. block_in_place
+            // keeps this runtime worker's other tasks running meanwhile.
+            let in_runtime = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            });
+            if in_runtime {
+                tokio::task::block_in_place(|| self.drain(&revoked));
+            } else {
+                self.drain(&revoked);
+            }
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => {}
+                Err(e) => tracing::debug!(error = %e, "commit on revoke (nothing stored is normal)"),
+            }
+            let mut t = self.tracker.lock().expect("tracker lock");
+            for tp in &revoked {
+                t.revoke(tp);
+            }
+            tracing::info!(partitions = ?revoked, "partitions revoked after drain");
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut t = self.tracker.lock().expect("tracker lock");
+                for tp in tps(tpl) {
+                    t.assign(&tp);
+                }
+                tracing::info!(partitions = ?tps(tpl), "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics
+            .ready
+            .source_ready
+            .store(assigned > 0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+pub type KafkaConsumer = StreamConsumer<SourceContext>;
+
+/// librdkafka client settings common to consumer and producer: brokers plus the
+/// pass-through properties (`_` in keys from environment variables becomes `.`).
+fn base_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers);
+    for (key, value) in &k.properties {
+        let key = key.replace('_', ".");
+        if is_secret_property(&key) {
+            tracing::debug!(property = %key, "setting secret librdkafka property");
+        }
+        c.set(key, value);
+    }
+    c
+}
+
+pub fn consumer(
+    k: &KafkaSettings,
+    tracker: Tracker,
+    metrics: Metrics,
+    drain_timeout: Duration,
+) -> anyhow::Result<Arc<KafkaConsumer>> {
+    let mut c = base_config(k);
+    c.set("group.id", &k.group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", &k.auto_offset_reset)
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", k.heartbeat_interval_ms.to_string())
+        .set("statistics.interval.ms", "5000")
+        .set("enable.partition.eof", "false");
+    // Bound what librdkafka prefetches (default 64 MiB per consumer), unless set by the user.
+    if !k.properties.keys().any(|p| p.replace('_', ".") == "queued.max.messages.kbytes") {
+        c.set("queued.max.messages.kbytes", "16384");
+    }
+    let consumer: KafkaConsumer = c.create_with_context(SourceContext {
+        tracker,
+        metrics,
+        drain_timeout,
+    })?;
+    let topics: Vec<&str> = k.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    Ok(Arc::new(consumer))
+}
+
+pub fn producer(k: &KafkaSettings) -> anyhow::Result<FutureProducer> {
+    let mut c = base_config(k);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000");
+    Ok(c.create()?)
+}
+
+/// Commits finished offsets: stores the contiguous finished prefix for librdkafka's
+/// auto-commit (and the explicit commits on revoke and shutdown).
+pub struct KafkaCompletion {
+    pub consumer: Arc<KafkaConsumer>,
+    pub tracker: Tracker,
+    pub metrics: Metrics,
+}
+
+impl Completion for KafkaCompletion {
+    fn done(&self, origins: &[Origin]) {
+        let mut advanced: HashMap<Tp, i64> = HashMap::new();
+        {
+            let mut t = self.tracker.lock().expect("tracker lock");
+            for o in origins {
+                if let Origin::Kafka {
+                    topic,
+                    partition,
+                    offset,
+                    generation,
+                } = o
+                {
+                    let tp = (topic.to_string(), *partition);
+                    if let Some(next) = t.complete(&tp, *generation, *offset) {
+                        advanced.insert(tp, next);
+                    }
+                }
+            }
+            self.metrics.in_flight.set(t.total_in_flight() as i64);
+        }
+        if advanced.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in &advanced {
+            if tpl
+                .add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .is_ok()
+            {
+                self.metrics
+                    .committed_offset
+                    .with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set(*next);
+            }
+        }
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
+            // The partition was revoked meanwhile; its next owner replays from the last commit.
+            tracing::debug!(error = %e, "could not store offsets");
+        }
+    }
+}
+
+/// Dead letters to a Kafka topic: the original key and value, and headers with the reason.
+pub struct KafkaDeadLetters {
+    pub producer: FutureProducer,
+    pub topic: String,
+}
+
+impl DeadLetters for KafkaDeadLetters {
+    fn send<'a>(
+        &'a self,
+        origin: &'a Origin,
+        rejection: &'a Rejection,
+        key: Option<&'a [u8]>,
+        value: Option<&'a [u8]>,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let (topic, partition, offset) = origin.describe();
+            let (partition, offset) = (partition.to_string(), offset.to_string());
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: H_REASON, value: Some(rejection.reason) })
+                .insert(Header { key: H_ERROR, value: Some(rejection.detail.as_str()) })
+                .insert(Header { key: H_CLASS, value: Some("permanent") })
+                .insert(Header { key: H_TOPIC, value: Some(topic) })
+                .insert(Header { key: H_PARTITION, value: Some(partition.as_str()) })
+                .insert(Header { key: H_OFFSET, value: Some(offset.as_str()) });
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).headers(headers);
+            if let Some(k) = key {
+                rec = rec.key(k);
+            }
+            if let Some(v) = value {
+                rec = rec.payload(v);
+            }
+            tracing::warn!(reason = rejection.reason, detail = %rejection.detail, topic, partition, offset, "dead-lettered");
+            self.producer
+                .send(rec, Duration::from_secs(30))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e.to_string())
+        })
+    }
+}
+
+/// Reads until `stop` turns true, then returns (dropping `input`, which drains the
+/// pipeline). When the pipeline is full for a moment, the assignment is paused while
+/// the consumer keeps serving the group (heartbeats, rebalances).
+pub async fn read_loop(
+    consumer: Arc<KafkaConsumer>,
+    tracker: Tracker,
+    cfg: MessageSettings,
+    input: mpsc::Sender<Item>,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut held: VecDeque<Item> = VecDeque::new();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let item = if let Some(item) = held.pop_front() {
+            item
+        } else {
+            let msg = tokio::select! {
+                biased;
+                _ = stop.changed() => return,
+                m = consumer.recv() => m,
+            };
+            match msg {
+                Ok(m) => to_item(&m, &tracker, &cfg, &metrics),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+        };
+        let item = match input.try_send(item) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+        };
+        // Backpressure: pause fetching and wait for room, still polling the consumer.
+        let paused = consumer.assignment().ok();
+        if let Some(a) = &paused {
+            let _ = consumer.pause(a);
+        }
+        let permit = loop {
+            tokio::select! {
+                biased;
+                p = input.reserve() => break p,
+                _ = stop.changed() => return,
+                m = consumer.recv() => match m {
+                    // A partition assigned during the pause is not paused yet: hold its
+                    // record in order and pause it too.
+                    Ok(m) => {
+                        held.push_back(to_item(&m, &tracker, &cfg, &metrics));
+                        if let Ok(a) = consumer.assignment() {
+                            let _ = consumer.pause(&a);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "kafka consumer error while paused"),
+                },
+            }
+        };
+        match permit {
+            Ok(p) => p.send(item),
+            Err(_) => return,
+        }
+        if let Ok(a) = consumer.assignment() {
+            let _ = consumer.resume(&a);
+        }
+    }
+}
+
+fn to_item<M: Message>(m: &M, tracker: &Tracker, cfg: &MessageSettings, metrics: &Metrics) -> Item {
+    metrics.consumed.inc();
+    let rec = Record {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        payload: m.payload(),
+        timestamp_ms: m.timestamp().to_millis(),
+    };
+    let op = match decode(&rec, cfg) {
+        Decoded::Upsert { id, text, payload } => Op::Upsert { id, text, payload },
+        Decoded::Delete { id } => Op::Delete { id },
+        Decoded::Reject(rejection) => Op::Reject {
+            rejection,
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+        },
+    };
+    let generation = {
+        let mut t = tracker.lock().expect("tracker lock");
+        let g = t.register(&(m.topic().to_string(), m.partition()), m.offset());
+        metrics.in_flight.set(t.total_in_flight() as i64);
+        g
+    };
+    let _ = m.headers().map(|h| h.count());
+    Item {
+        origin: Origin::Kafka {
+            topic: Arc::from(m.topic()),
+            partition: m.partition(),
+            offset: m.offset(),
+            generation,
+        },
+        op,
+        timestamp_ms: m.timestamp().to_millis(),
+    }
+}
