@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::embed::{self, DeviceKind, EncoderOptions, Encoder, LoadedModel, Precision};
+use crate::embed::{self, DeviceKind, Encoder, EncoderOptions, LoadedModel, Precision};
 use crate::sts;
 use crate::util::{peak_rss_mb, quantile};
 
@@ -104,9 +104,7 @@ pub fn embed_stdin(args: &ModelArgs) -> anyhow::Result<()> {
         }
         let prepared: Vec<Result<embed::Tokens, String>> = chunk
             .iter()
-            .map(|l| {
-                line_text(l).and_then(|t| m.tokenizer.tokenize(&t).map_err(|e| e.to_string()))
-            })
+            .map(|l| line_text(l).and_then(|t| m.tokenizer.tokenize(&t).map_err(|e| e.to_string())))
             .collect();
         let ok: Vec<&[u32]> = prepared
             .iter()
@@ -186,9 +184,7 @@ pub fn eval(args: &ModelArgs, data: &PathBuf) -> anyhow::Result<()> {
 
 /// Reads benchmark sentences: an STS file (its distinct sentences) or plain text lines.
 pub fn read_sentences(path: &PathBuf) -> anyhow::Result<Vec<String>> {
-    let is_sts = path
-        .extension()
-        .is_some_and(|e| e == "json" || e == "tsv");
+    let is_sts = path.extension().is_some_and(|e| e == "json" || e == "tsv");
     if is_sts {
         return Ok(sts::sentences(&sts::load_pairs(path)?));
     }
@@ -287,4 +283,100 @@ pub fn bench(args: &ModelArgs, input: &PathBuf, limit: Option<usize>) -> anyhow:
         );
     }
     Ok(())
+}
+
+/// `streambed search`: embeds the query (with `model.query_prefix`) and prints the nearest
+/// points as JSON lines.
+pub async fn search(s: crate::settings::Settings, query: &str, top_k: usize) -> anyhow::Result<()> {
+    use crate::sink::Sink;
+    let metrics = crate::metrics::Metrics::new();
+    let model = crate::run::load_model(&s, &metrics, &s.model.query_prefix).await?;
+    let tokens = model.tokenizer.tokenize(query)?;
+    let vector = model
+        .encoder
+        .embed(&[tokens.ids.as_slice()])?
+        .pop()
+        .expect("one vector");
+    let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    let sink = crate::run::open_sink(&s, model.info.dim, &mut stop).await?;
+    for hit in sink.search(vector, top_k).await? {
+        println!(
+            "{}",
+            serde_json::json!({"score": hit.score, "id": hit.id, "text": hit.payload.get("text"), "payload": hit.payload})
+        );
+    }
+    Ok(())
+}
+
+/// `streambed produce`: sends the lines of a file to a topic (creating it with
+/// `partitions` partitions when missing). JSON lines are keyed by their `id` field when
+/// they have one. For demos, tests and feeding a corpus through the stream path.
+pub async fn produce(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    input: &std::path::Path,
+) -> anyhow::Result<usize> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::ClientConfig;
+
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers);
+    let admin: AdminClient<DefaultClientContext> = cfg.create()?;
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(10))),
+        )
+        .await?;
+    for r in created {
+        if let Err((t, e)) = r {
+            if e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                anyhow::bail!("creating topic {t}: {e}");
+            }
+        }
+    }
+    let producer: FutureProducer = cfg
+        .clone()
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let mut pending = futures::stream::FuturesOrdered::new();
+    let mut sent = 0;
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let key = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| match v.get("id") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            });
+        let line = line.to_string();
+        let producer = producer.clone();
+        let topic = topic.to_string();
+        pending.push_back(async move {
+            let mut rec = FutureRecord::<String, String>::to(&topic).payload(&line);
+            if let Some(k) = &key {
+                rec = rec.key(k);
+            }
+            producer
+                .send(rec, std::time::Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)
+        });
+        if pending.len() >= 1000 {
+            use futures::StreamExt;
+            pending.next().await.expect("pending")?;
+        }
+        sent += 1;
+    }
+    use futures::StreamExt;
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    Ok(sent)
 }

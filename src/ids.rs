@@ -21,7 +21,10 @@ pub fn from_entity(bytes: &[u8]) -> Uuid {
 
 /// Id from the message's position, for messages with neither id field nor key.
 pub fn from_position(topic: &str, partition: i32, offset: i64) -> Uuid {
-    Uuid::new_v5(&NAMESPACE, format!("{topic}/{partition}/{offset}").as_bytes())
+    Uuid::new_v5(
+        &NAMESPACE,
+        format!("{topic}/{partition}/{offset}").as_bytes(),
+    )
 }
 
 /// Id of a backfilled line without an id field.

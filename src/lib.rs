@@ -1,12 +1,14 @@
 //! streambed: a streaming embedding worker. Kafka in, BERT sentence vectors (candle) out,
 //! into Qdrant, with Prometheus metrics. See README.md for the data flow.
 
+pub mod backfill;
 pub mod commands;
 pub mod embed;
 pub mod ids;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
+pub mod run;
 pub mod settings;
 pub mod sink;
 pub mod source;

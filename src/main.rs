@@ -2,16 +2,83 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use streambed::commands::{self, ModelArgs};
+use streambed::settings::{LogFormat, Settings};
 
 #[derive(Parser)]
-#[command(name = "streambed", version, about = "Kafka -> BERT sentence embeddings -> Qdrant")]
+#[command(
+    name = "streambed",
+    version,
+    about = "Kafka -> BERT sentence embeddings -> Qdrant"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// Settings-driven commands share these.
+#[derive(clap::Args, Clone)]
+struct SettingsArgs {
+    /// Settings file, layered over the defaults (see config/default.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides model.path.
+    #[arg(long)]
+    model: Option<String>,
+    /// Overrides model.prefix.
+    #[arg(long)]
+    prefix: Option<String>,
+}
+
+impl SettingsArgs {
+    fn load(&self) -> anyhow::Result<Settings> {
+        let mut s = Settings::load(self.config.as_deref())?;
+        if let Some(m) = &self.model {
+            s.model.path = m.clone();
+        }
+        if let Some(p) = &self.prefix {
+            s.model.prefix = p.clone();
+        }
+        s.validate()?;
+        Ok(s)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// The worker: consume Kafka, embed, upsert to the vector store, commit.
+    Run(SettingsArgs),
+    /// Embed files (JSONL, CSV, text; .gz too) or a directory into the store; resumable.
+    Backfill {
+        #[command(flatten)]
+        settings: SettingsArgs,
+        #[arg(long)]
+        input: PathBuf,
+        /// Where progress is recorded for resuming.
+        #[arg(long, default_value = "streambed-backfill.checkpoint.json")]
+        checkpoint: PathBuf,
+        /// Where lines that cannot be embedded are written, with the reason.
+        #[arg(long, default_value = "streambed-backfill.dead-letter.jsonl")]
+        dead_letter: PathBuf,
+    },
+    /// Nearest points to a query, from the configured store.
+    Search {
+        #[command(flatten)]
+        settings: SettingsArgs,
+        query: String,
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+    },
+    /// Send a file's lines to a Kafka topic (created when missing); JSON lines keyed by "id".
+    Produce {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        #[arg(long)]
+        input: PathBuf,
+    },
     /// Embed text lines (or JSON lines with a "text" field) from stdin; one JSON line out each.
     Embed(ModelArgs),
     /// Spearman/Pearson of cosine similarity against gold scores (KLUE-STS .json, KorSTS .tsv).
@@ -56,42 +123,137 @@ enum ModelCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "streambed=info,warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "streambed=info,warn".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Human => b.init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // Inference has its own thread; these serve Kafka, the store and the metrics server.
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()?)
+}
+
+fn main() {
     let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Embed(m) => commands::embed_stdin(&m),
-        Command::Eval { model, data } => commands::eval(&model, &data),
-        Command::Bench {
-            model,
+        Command::Run(a) => {
+            let s = a.load()?;
+            init_logs(s.log.format);
+            tracing::info!(settings = ?s, "starting");
+            runtime()?.block_on(streambed::run::run(s, shutdown_signal()))
+        }
+        Command::Backfill {
+            settings,
             input,
-            limit,
-        } => commands::bench(&model, &input, limit),
-        Command::Model(ModelCommand::ConvertE5s1 {
-            input,
-            tokenizer,
-            out,
-        }) => {
-            let h = streambed::embed::e5s1::convert(&input, &tokenizer, &out)?;
-            eprintln!(
-                "wrote {} (hidden {}, {} layers, vocab {})",
-                out.display(),
-                h.hidden,
-                h.layers,
-                h.vocab
+            checkpoint,
+            dead_letter,
+        } => {
+            let s = settings.load()?;
+            init_logs(s.log.format);
+            let r = runtime()?.block_on(streambed::backfill::backfill(
+                s,
+                &input,
+                &checkpoint,
+                &dead_letter,
+                shutdown_signal(),
+            ))?;
+            println!(
+                "files={} lines={} seconds={:.1} lines_per_s={:.1} complete={}",
+                r.files,
+                r.lines,
+                r.seconds,
+                r.lines as f64 / r.seconds.max(1e-9),
+                r.complete
             );
+            if !r.complete {
+                std::process::exit(130);
+            }
             Ok(())
         }
-        Command::Model(ModelCommand::RandomKlue { out, seed }) => {
-            streambed::embed::random::write_klue_bert_base(&out, seed)?;
-            eprintln!("wrote {}", out.display());
+        Command::Search {
+            settings,
+            query,
+            top_k,
+        } => {
+            let s = settings.load()?;
+            init_logs(s.log.format);
+            runtime()?.block_on(commands::search(s, &query, top_k))
+        }
+        Command::Produce {
+            brokers,
+            topic,
+            partitions,
+            input,
+        } => {
+            init_logs(LogFormat::Human);
+            let n = runtime()?.block_on(commands::produce(&brokers, &topic, partitions, &input))?;
+            println!("produced={n} topic={topic}");
             Ok(())
+        }
+        other => {
+            init_logs(LogFormat::Human);
+            match other {
+                Command::Embed(m) => commands::embed_stdin(&m),
+                Command::Eval { model, data } => commands::eval(&model, &data),
+                Command::Bench {
+                    model,
+                    input,
+                    limit,
+                } => commands::bench(&model, &input, limit),
+                Command::Model(ModelCommand::ConvertE5s1 {
+                    input,
+                    tokenizer,
+                    out,
+                }) => {
+                    let h = streambed::embed::e5s1::convert(&input, &tokenizer, &out)?;
+                    eprintln!(
+                        "wrote {} (hidden {}, {} layers, vocab {})",
+                        out.display(),
+                        h.hidden,
+                        h.layers,
+                        h.vocab
+                    );
+                    Ok(())
+                }
+                Command::Model(ModelCommand::RandomKlue { out, seed }) => {
+                    streambed::embed::random::write_klue_bert_base(&out, seed)?;
+                    eprintln!("wrote {}", out.display());
+                    Ok(())
+                }
+                Command::Run(_)
+                | Command::Backfill { .. }
+                | Command::Search { .. }
+                | Command::Produce { .. } => {
+                    unreachable!("handled above")
+                }
+            }
         }
     }
 }

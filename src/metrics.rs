@@ -79,35 +79,58 @@ impl Metrics {
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m;
-                registry.register(Box::new(m.clone())).expect("metric registered once");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric registered once");
                 m
             }};
         }
         let counter = |n: &str, help: &str| IntCounter::new(name(n), help).expect("metric");
         let m = Self {
-            consumed: reg!(counter("messages_consumed_total", "Records read from Kafka")),
+            consumed: reg!(counter(
+                "messages_consumed_total",
+                "Records read from Kafka"
+            )),
             embedded: reg!(counter("messages_embedded_total", "Texts embedded")),
-            upserted: reg!(counter("points_upserted_total", "Points confirmed written to the store")),
-            deleted: reg!(counter("points_deleted_total", "Points deleted by tombstones")),
+            upserted: reg!(counter(
+                "points_upserted_total",
+                "Points confirmed written to the store"
+            )),
+            deleted: reg!(counter(
+                "points_deleted_total",
+                "Points deleted by tombstones"
+            )),
             dead_lettered: reg!(IntCounterVec::new(
-                Opts::new(name("messages_dead_lettered_total"), "Records sent to the dead-letter topic"),
+                Opts::new(
+                    name("messages_dead_lettered_total"),
+                    "Records sent to the dead-letter topic"
+                ),
                 &["reason"]
             )
             .expect("metric")),
-            truncated: reg!(counter("texts_truncated_total", "Texts cut at the model's max_seq_length")),
+            truncated: reg!(counter(
+                "texts_truncated_total",
+                "Texts cut at the model's max_seq_length"
+            )),
             batches: reg!(counter("batches_total", "Batches embedded")),
             batch_size: reg!(Histogram::with_opts(
                 HistogramOpts::new(name("batch_size"), "Texts per batch").buckets(size_buckets())
             )
             .expect("metric")),
             batch_padded_tokens: reg!(Histogram::with_opts(
-                HistogramOpts::new(name("batch_padded_tokens"), "Items x longest item per batch")
-                    .buckets(token_buckets())
+                HistogramOpts::new(
+                    name("batch_padded_tokens"),
+                    "Items x longest item per batch"
+                )
+                .buckets(token_buckets())
             )
             .expect("metric")),
             stage_seconds: reg!(HistogramVec::new(
-                HistogramOpts::new(name("stage_duration_seconds"), "Time per batch in each stage")
-                    .buckets(seconds_buckets()),
+                HistogramOpts::new(
+                    name("stage_duration_seconds"),
+                    "Time per batch in each stage"
+                )
+                .buckets(seconds_buckets()),
                 &["stage"]
             )
             .expect("metric")),
@@ -120,15 +143,27 @@ impl Metrics {
             )
             .expect("metric")),
             consumer_lag: reg!(IntGaugeVec::new(
-                Opts::new(name("consumer_lag_messages"), "High watermark minus committed position"),
+                Opts::new(
+                    name("consumer_lag_messages"),
+                    "High watermark minus committed position"
+                ),
                 &["topic", "partition"]
             )
             .expect("metric")),
-            in_flight: reg!(IntGauge::new(name("in_flight_messages"), "Read but not yet committable")
-                .expect("metric")),
-            sink_retries: reg!(counter("sink_retries_total", "Store writes retried after a transient error")),
+            in_flight: reg!(IntGauge::new(
+                name("in_flight_messages"),
+                "Read but not yet committable"
+            )
+            .expect("metric")),
+            sink_retries: reg!(counter(
+                "sink_retries_total",
+                "Store writes retried after a transient error"
+            )),
             committed_offset: reg!(IntGaugeVec::new(
-                Opts::new(name("committed_offset"), "Next offset to read, as stored for commit"),
+                Opts::new(
+                    name("committed_offset"),
+                    "Next offset to read, as stored for commit"
+                ),
                 &["topic", "partition"]
             )
             .expect("metric")),
@@ -180,7 +215,10 @@ pub async fn serve(
     let ready = metrics.ready.clone();
     let app = axum::Router::new()
         .route("/metrics", get(move || async move { m1.render() }))
-        .route("/healthz", get(|| async { (StatusCode::OK, "{\"status\":\"alive\"}") }))
+        .route(
+            "/healthz",
+            get(|| async { (StatusCode::OK, "{\"status\":\"alive\"}") }),
+        )
         .route(
             "/readyz",
             get(move || {

@@ -151,7 +151,11 @@ pub fn start<S: Sink>(
     let embedder = tokio::spawn(embedder(encoder, batch_rx, emb_tx, metrics.clone()));
     let writer = tokio::spawn(writer(cfg, sink, dead_letters, completion, emb_rx, metrics));
     let finished = tokio::spawn(async move {
-        for (name, h) in [("batcher", batcher), ("embedder", embedder), ("writer", writer)] {
+        for (name, h) in [
+            ("batcher", batcher),
+            ("embedder", embedder),
+            ("writer", writer),
+        ] {
             if let Err(e) = h.await {
                 tracing::error!(stage = name, error = %e, "pipeline stage failed");
             }
@@ -246,7 +250,9 @@ async fn batcher(
             .observe(started.elapsed().as_secs_f64());
         if texts > 0 {
             metrics.batch_size.observe(texts as f64);
-            metrics.batch_padded_tokens.observe((texts * longest) as f64);
+            metrics
+                .batch_padded_tokens
+                .observe((texts * longest) as f64);
         }
         if tx.send(Batch { items }).await.is_err() {
             return;
@@ -384,11 +390,17 @@ async fn writer<S: Sink>(
             loop {
                 match sink.write(upserts.clone(), deletes.clone()).await {
                     Ok(()) => {
-                        metrics.ready.sink_ok.store(true, std::sync::atomic::Ordering::Relaxed);
+                        metrics
+                            .ready
+                            .sink_ok
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                         break;
                     }
                     Err(e) => {
-                        metrics.ready.sink_ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                        metrics
+                            .ready
+                            .sink_ok
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
                         metrics.sink_retries.inc();
                         let level_permanent = matches!(e, SinkError::Permanent(_));
                         if level_permanent {
@@ -575,20 +587,38 @@ mod tests {
             done.clone(),
             Metrics::new(),
         );
-        p.input.send(item(0, upsert(1, "안녕하세요"))).await.unwrap();
+        p.input
+            .send(item(0, upsert(1, "안녕하세요")))
+            .await
+            .unwrap();
         p.input.send(item(1, upsert(2, "안녕"))).await.unwrap();
         p.input.send(item(2, upsert(3, "   "))).await.unwrap();
-        p.input.send(item(3, Op::Delete { id: Uuid::from_u128(1) })).await.unwrap();
+        p.input
+            .send(item(
+                3,
+                Op::Delete {
+                    id: Uuid::from_u128(1),
+                },
+            ))
+            .await
+            .unwrap();
         p.input.send(item(4, upsert(4, "안녕"))).await.unwrap();
         drop(p.input);
         p.finished.await.unwrap();
         let points = sink.points.lock().unwrap();
-        assert!(!points.contains_key(&Uuid::from_u128(1)), "deleted after upsert");
+        assert!(
+            !points.contains_key(&Uuid::from_u128(1)),
+            "deleted after upsert"
+        );
         assert!(points.contains_key(&Uuid::from_u128(2)));
         assert!(points.contains_key(&Uuid::from_u128(4)));
         assert_eq!(*dead.0.lock().unwrap(), vec!["empty_text"]);
         assert_eq!(*done.0.lock().unwrap(), vec![0, 1, 2, 3, 4]);
-        assert_eq!(*sink.fail.lock().unwrap(), 0, "the failed writes were retried");
+        assert_eq!(
+            *sink.fail.lock().unwrap(),
+            0,
+            "the failed writes were retried"
+        );
     }
 
     #[tokio::test]
@@ -611,7 +641,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(done.0.lock().unwrap().is_empty());
         *sink.fail.lock().unwrap() = 0;
-        wait_for("completion after recovery", || !done.0.lock().unwrap().is_empty()).await;
+        wait_for("completion after recovery", || {
+            !done.0.lock().unwrap().is_empty()
+        })
+        .await;
         assert_eq!(*done.0.lock().unwrap(), vec![0]);
     }
 
@@ -629,7 +662,10 @@ mod tests {
             Metrics::new(),
         );
         for i in 0..5 {
-            p.input.send(item(i, upsert(i as u128, "안녕"))).await.unwrap();
+            p.input
+                .send(item(i, upsert(i as u128, "안녕")))
+                .await
+                .unwrap();
         }
         // 4 close at max_items; the fifth waits for linger, then goes alone.
         wait_for("all five", || done.0.lock().unwrap().len() == 5).await;

@@ -90,7 +90,11 @@ impl fmt::Debug for KafkaSettings {
             .properties
             .iter()
             .map(|(k, v)| {
-                let v = if is_secret_property(k) { "<redacted>" } else { v.as_str() };
+                let v = if is_secret_property(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
                 (k.as_str(), v)
             })
             .collect();
@@ -248,7 +252,10 @@ impl Settings {
         }
         if let Some(f) = file {
             if !f.exists() {
-                return Err(invalid("--config", format!("names {} which does not exist", f.display())));
+                return Err(invalid(
+                    "--config",
+                    format!("names {} which does not exist", f.display()),
+                ));
             }
             b = b.add_source(config::File::from(f));
         }
@@ -268,57 +275,114 @@ impl Settings {
     /// Checks what types alone cannot. Messages name the key and the fix.
     pub fn validate(&self) -> Result<(), SettingsError> {
         if self.model.path.trim().is_empty() {
-            return Err(invalid("model.path", "is empty; set a model folder or a hub id such as klue/bert-base"));
+            return Err(invalid(
+                "model.path",
+                "is empty; set a model folder or a hub id such as klue/bert-base",
+            ));
         }
         if self.model.forward_batch == 0 {
-            return Err(invalid("model.forward_batch", "must be at least 1 (32 is a good CPU value)"));
+            return Err(invalid(
+                "model.forward_batch",
+                "must be at least 1 (32 is a good CPU value)",
+            ));
         }
         if self.model.dtype == Precision::F16 && self.model.device == DeviceKind::Cpu {
-            return Err(invalid("model.dtype", "= \"f16\" needs model.device = \"cuda\"; on CPU use \"f32\" or \"bf16\""));
+            return Err(invalid(
+                "model.dtype",
+                "= \"f16\" needs model.device = \"cuda\"; on CPU use \"f32\" or \"bf16\"",
+            ));
         }
         if self.kafka.brokers.trim().is_empty() {
-            return Err(invalid("kafka.brokers", "is empty; give host:port[,host:port]"));
+            return Err(invalid(
+                "kafka.brokers",
+                "is empty; give host:port[,host:port]",
+            ));
         }
         if self.kafka.topics.is_empty() || self.kafka.topics.iter().any(|t| t.trim().is_empty()) {
-            return Err(invalid("kafka.topics", "must list at least one non-empty topic name"));
+            return Err(invalid(
+                "kafka.topics",
+                "must list at least one non-empty topic name",
+            ));
         }
         if self.kafka.group_id.trim().is_empty() {
-            return Err(invalid("kafka.group_id", "is empty; replicas sharing the work use the same group id"));
+            return Err(invalid(
+                "kafka.group_id",
+                "is empty; replicas sharing the work use the same group id",
+            ));
         }
         if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
-            return Err(invalid("kafka.auto_offset_reset", format!("is {:?}; use \"earliest\" or \"latest\"", self.kafka.auto_offset_reset)));
+            return Err(invalid(
+                "kafka.auto_offset_reset",
+                format!(
+                    "is {:?}; use \"earliest\" or \"latest\"",
+                    self.kafka.auto_offset_reset
+                ),
+            ));
         }
         if self.kafka.dead_letter_topic.trim().is_empty() {
-            return Err(invalid("kafka.dead_letter_topic", "is empty; bad messages must go somewhere (e.g. \"streambed-dead-letter\")"));
+            return Err(invalid(
+                "kafka.dead_letter_topic",
+                "is empty; bad messages must go somewhere (e.g. \"streambed-dead-letter\")",
+            ));
         }
         if self.kafka.topics.contains(&self.kafka.dead_letter_topic) {
-            return Err(invalid("kafka.dead_letter_topic", "is also in kafka.topics; that would loop"));
+            return Err(invalid(
+                "kafka.dead_letter_topic",
+                "is also in kafka.topics; that would loop",
+            ));
         }
         for k in self.kafka.properties.keys() {
-            if matches!(k.as_str(), "enable.auto.offset.store" | "group.id" | "bootstrap.servers") {
-                return Err(invalid("kafka.properties", format!("sets {k:?}, which streambed manages; use the kafka.* keys instead")));
+            if matches!(
+                k.as_str(),
+                "enable.auto.offset.store" | "group.id" | "bootstrap.servers"
+            ) {
+                return Err(invalid(
+                    "kafka.properties",
+                    format!("sets {k:?}, which streambed manages; use the kafka.* keys instead"),
+                ));
             }
         }
         if self.kafka.heartbeat_interval_ms * 3 > self.kafka.session_timeout_ms {
-            return Err(invalid("kafka.heartbeat_interval_ms", "must be at most a third of kafka.session_timeout_ms"));
+            return Err(invalid(
+                "kafka.heartbeat_interval_ms",
+                "must be at most a third of kafka.session_timeout_ms",
+            ));
         }
         if self.message.text_field.is_empty() {
-            return Err(invalid("message.text_field", "is empty; name the JSON field holding the text (e.g. \"text\")"));
+            return Err(invalid(
+                "message.text_field",
+                "is empty; name the JSON field holding the text (e.g. \"text\")",
+            ));
         }
         if self.message.max_message_bytes == 0 {
-            return Err(invalid("message.max_message_bytes", "must be positive (e.g. 1048576)"));
+            return Err(invalid(
+                "message.max_message_bytes",
+                "must be positive (e.g. 1048576)",
+            ));
         }
         if self.batch.max_items == 0 {
-            return Err(invalid("batch.max_items", "must be at least 1 (64 is a good CPU value)"));
+            return Err(invalid(
+                "batch.max_items",
+                "must be at least 1 (64 is a good CPU value)",
+            ));
         }
         if self.batch.max_tokens < 512 {
-            return Err(invalid("batch.max_tokens", "must be at least 512 so one full-length text fits"));
+            return Err(invalid(
+                "batch.max_tokens",
+                "must be at least 512 so one full-length text fits",
+            ));
         }
         if self.batch.linger_ms > 60_000 {
-            return Err(invalid("batch.linger_ms", "is over a minute; use a few milliseconds to a second"));
+            return Err(invalid(
+                "batch.linger_ms",
+                "is over a minute; use a few milliseconds to a second",
+            ));
         }
         if self.sink.retry_initial_ms == 0 || self.sink.retry_max_ms < self.sink.retry_initial_ms {
-            return Err(invalid("sink.retry_max_ms", "must be >= sink.retry_initial_ms > 0"));
+            return Err(invalid(
+                "sink.retry_max_ms",
+                "must be >= sink.retry_initial_ms > 0",
+            ));
         }
         match self.sink.kind {
             SinkKind::Qdrant => {
@@ -332,7 +396,10 @@ impl Settings {
             }
             SinkKind::Embedded => {
                 if self.embedded.path.is_empty() {
-                    return Err(invalid("embedded.path", "is empty; give a folder for the store"));
+                    return Err(invalid(
+                        "embedded.path",
+                        "is empty; give a folder for the store",
+                    ));
                 }
                 if self.embedded.collection.is_empty() {
                     return Err(invalid("embedded.collection", "is empty"));
@@ -340,10 +407,19 @@ impl Settings {
             }
         }
         if !self.metrics.addr.is_empty() && self.metrics.addr.parse::<SocketAddr>().is_err() {
-            return Err(invalid("metrics.addr", format!("is {:?}; give ip:port such as 0.0.0.0:9464, or \"\" to disable", self.metrics.addr)));
+            return Err(invalid(
+                "metrics.addr",
+                format!(
+                    "is {:?}; give ip:port such as 0.0.0.0:9464, or \"\" to disable",
+                    self.metrics.addr
+                ),
+            ));
         }
         if self.shutdown.deadline_ms == 0 {
-            return Err(invalid("shutdown.deadline_ms", "must be positive (e.g. 30000)"));
+            return Err(invalid(
+                "shutdown.deadline_ms",
+                "must be positive (e.g. 30000)",
+            ));
         }
         Ok(())
     }
@@ -354,7 +430,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -388,10 +467,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("qdrant.url"), "{err}");
-        let err = Settings::load_from(None, env(&[("STREAMBED__KAFKA__AUTO_OFFSET_RESET", "oldest")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("kafka.auto_offset_reset") && err.contains("earliest"), "{err}");
+        let err = Settings::load_from(
+            None,
+            env(&[("STREAMBED__KAFKA__AUTO_OFFSET_RESET", "oldest")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("kafka.auto_offset_reset") && err.contains("earliest"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -400,7 +485,10 @@ mod tests {
             None,
             env(&[
                 ("STREAMBED__QDRANT__API_KEY", "hunter2-key"),
-                ("STREAMBED__KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2-pass"),
+                (
+                    "STREAMBED__KAFKA__PROPERTIES__SASL_PASSWORD",
+                    "hunter2-pass",
+                ),
             ]),
         )
         .unwrap();

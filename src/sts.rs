@@ -47,7 +47,11 @@ pub fn load_pairs(path: &Path) -> anyhow::Result<Vec<Pair>> {
     for (n, line) in text.lines().enumerate().skip(1) {
         let cols: Vec<&str> = line.split('\t').collect();
         if cols.len() < 7 {
-            bail!("{}:{}: expected 7 tab-separated columns", path.display(), n + 1);
+            bail!(
+                "{}:{}: expected 7 tab-separated columns",
+                path.display(),
+                n + 1
+            );
         }
         let score: f64 = cols[4]
             .trim()

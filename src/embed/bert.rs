@@ -78,10 +78,7 @@ impl Bert {
         };
         let h = cfg.hidden_size;
         let emb = vb.pp("embeddings");
-        let word = Embedding::new(
-            emb.get((cfg.vocab_size, h), "word_embeddings.weight")?,
-            h,
-        );
+        let word = Embedding::new(emb.get((cfg.vocab_size, h), "word_embeddings.weight")?, h);
         let position = emb.get(
             (cfg.max_position_embeddings, h),
             "position_embeddings.weight",
@@ -206,7 +203,11 @@ impl Bert {
     }
 
     pub fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {
-        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        let norm = x
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
         x.broadcast_div(&norm)
     }
 }

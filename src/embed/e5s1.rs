@@ -40,16 +40,26 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], E5s1Error> {
-        let end = self.pos.checked_add(n).ok_or(E5s1Error::Truncated(self.pos))?;
-        let s = self.buf.get(self.pos..end).ok_or(E5s1Error::Truncated(self.pos))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(E5s1Error::Truncated(self.pos))?;
+        let s = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(E5s1Error::Truncated(self.pos))?;
         self.pos = end;
         Ok(s)
     }
     fn u16(&mut self) -> Result<u16, E5s1Error> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, E5s1Error> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn i32(&mut self) -> Result<usize, E5s1Error> {
         let v = i32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"));
@@ -60,7 +70,9 @@ impl<'a> Cursor<'a> {
         usize::try_from(v).map_err(|_| E5s1Error::Truncated(self.pos))
     }
     fn f32(&mut self) -> Result<f32, E5s1Error> {
-        Ok(f32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(f32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 }
 
@@ -187,9 +199,21 @@ pub fn convert(e5s1: &Path, tokenizer_json: &Path, out: &Path) -> Result<E5s1Hea
         Ok(())
     };
     let (hid, ff) = (h.hidden, h.ff);
-    put("embeddings.word_embeddings.weight".into(), "emb.word", &[h.vocab, hid])?;
-    put("embeddings.position_embeddings.weight".into(), "emb.pos", &[h.max_pos, hid])?;
-    put("embeddings.token_type_embeddings.weight".into(), "emb.type", &[h.type_vocab, hid])?;
+    put(
+        "embeddings.word_embeddings.weight".into(),
+        "emb.word",
+        &[h.vocab, hid],
+    )?;
+    put(
+        "embeddings.position_embeddings.weight".into(),
+        "emb.pos",
+        &[h.max_pos, hid],
+    )?;
+    put(
+        "embeddings.token_type_embeddings.weight".into(),
+        "emb.type",
+        &[h.type_vocab, hid],
+    )?;
     put("embeddings.LayerNorm.weight".into(), "emb.ln.w", &[hid])?;
     put("embeddings.LayerNorm.bias".into(), "emb.ln.b", &[hid])?;
     for l in 0..h.layers {
@@ -203,11 +227,26 @@ pub fn convert(e5s1: &Path, tokenizer_json: &Path, out: &Path) -> Result<E5s1Hea
             ("output.dense", "fo", [hid, ff]),
         ];
         for (hf, short, shape) in parts {
-            put(format!("{p}.{hf}.weight"), &format!("l{l}.{short}.w"), &shape)?;
-            put(format!("{p}.{hf}.bias"), &format!("l{l}.{short}.b"), &[shape[0]])?;
+            put(
+                format!("{p}.{hf}.weight"),
+                &format!("l{l}.{short}.w"),
+                &shape,
+            )?;
+            put(
+                format!("{p}.{hf}.bias"),
+                &format!("l{l}.{short}.b"),
+                &[shape[0]],
+            )?;
         }
-        for (hf, short) in [("attention.output.LayerNorm", "aln"), ("output.LayerNorm", "oln")] {
-            put(format!("{p}.{hf}.weight"), &format!("l{l}.{short}.w"), &[hid])?;
+        for (hf, short) in [
+            ("attention.output.LayerNorm", "aln"),
+            ("output.LayerNorm", "oln"),
+        ] {
+            put(
+                format!("{p}.{hf}.weight"),
+                &format!("l{l}.{short}.w"),
+                &[hid],
+            )?;
             put(format!("{p}.{hf}.bias"), &format!("l{l}.{short}.b"), &[hid])?;
         }
     }
@@ -258,7 +297,10 @@ pub fn write_sentence_transformers_files(
     if normalize {
         modules.push(serde_json::json!({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}));
     }
-    std::fs::write(out.join("modules.json"), pretty(&serde_json::Value::from(modules)))?;
+    std::fs::write(
+        out.join("modules.json"),
+        pretty(&serde_json::Value::from(modules)),
+    )?;
     let dim = config["hidden_size"].clone();
     std::fs::write(
         out.join("1_Pooling/config.json"),
@@ -300,6 +342,9 @@ mod tests {
     #[test]
     fn rejects_other_files() {
         assert!(matches!(parse(b"GGUF\0\0\0\0"), Err(E5s1Error::Magic)));
-        assert!(matches!(parse(b"E5S1\x01\0\0\0\x80"), Err(E5s1Error::Truncated(_))));
+        assert!(matches!(
+            parse(b"E5S1\x01\0\0\0\x80"),
+            Err(E5s1Error::Truncated(_))
+        ));
     }
 }

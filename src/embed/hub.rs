@@ -20,8 +20,7 @@ fn looks_like_hub_id(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with(['.', '/', '~'])
         && s.split('/').count() <= 2
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
 }
 
@@ -57,7 +56,10 @@ pub fn resolve(model: &str) -> Result<PathBuf, EmbedError> {
         return Ok(dir);
     }
     if offline {
-        return Err(offline_help(model, "HF_HUB_OFFLINE is set and it is not in the cache"));
+        return Err(offline_help(
+            model,
+            "HF_HUB_OFFLINE is set and it is not in the cache",
+        ));
     }
     download(model).map_err(|why| offline_help(model, &why))
 }
@@ -114,7 +116,9 @@ mod tests {
     #[test]
     fn offline_hub_id_fails_with_help() {
         std::env::set_var("HF_HUB_OFFLINE", "1");
-        let err = resolve("klue/bert-base-does-not-exist").unwrap_err().to_string();
+        let err = resolve("klue/bert-base-does-not-exist")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("local Hugging Face style folder"), "{err}");
         assert!(err.contains("--model"), "{err}");
     }

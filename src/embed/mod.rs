@@ -153,10 +153,7 @@ impl BertEncoder {
             ));
         }
         let dtype = opts.precision.dtype();
-        let is_safetensors = spec
-            .weights
-            .extension()
-            .is_some_and(|e| e == "safetensors");
+        let is_safetensors = spec.weights.extension().is_some_and(|e| e == "safetensors");
         let vb = if is_safetensors {
             // SAFETY: the file is mapped read-only; the folder must not change while loaded,
             // as with every memory-mapped model.
@@ -240,7 +237,11 @@ pub struct LoadedModel {
 }
 
 /// Resolves `model` (a folder or a hub id), reads it and loads the weights.
-pub fn load_model(model: &str, prefix: &str, opts: &EncoderOptions) -> Result<LoadedModel, EmbedError> {
+pub fn load_model(
+    model: &str,
+    prefix: &str,
+    opts: &EncoderOptions,
+) -> Result<LoadedModel, EmbedError> {
     let dir = hub::resolve(model)?;
     let spec = ModelSpec::read(&dir)?;
     let tokenizer = TextTokenizer::load(&dir, spec.max_seq_length, prefix)?;

@@ -69,7 +69,11 @@ impl CustomOp1 for FastGelu {
         "streambed-gelu-erf"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(v) = storage else {
             candle_core::bail!("streambed-gelu-erf: f32 only");
         };
@@ -100,12 +104,13 @@ mod tests {
 
     fn libm_erf(x: f32) -> f32 {
         // Reference through candle's own (libm) GELU: erf(x) = 2 gelu(x√2)/(x√2) - 1.
-        let t = candle_core::Tensor::new(&[x * std::f32::consts::SQRT_2], &candle_core::Device::Cpu)
-            .unwrap()
-            .gelu_erf()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()[0];
+        let t =
+            candle_core::Tensor::new(&[x * std::f32::consts::SQRT_2], &candle_core::Device::Cpu)
+                .unwrap()
+                .gelu_erf()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()[0];
         if x == 0.0 {
             0.0
         } else {

@@ -50,9 +50,18 @@ pub fn write_klue_bert_base(out: &Path, seed: u64) -> anyhow::Result<()> {
     let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu);
     let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu);
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert("embeddings.word_embeddings.weight".into(), rand_tensor(&[KLUE_VOCAB, h])?);
-    t.insert("embeddings.position_embeddings.weight".into(), rand_tensor(&[pos, h])?);
-    t.insert("embeddings.token_type_embeddings.weight".into(), rand_tensor(&[types, h])?);
+    t.insert(
+        "embeddings.word_embeddings.weight".into(),
+        rand_tensor(&[KLUE_VOCAB, h])?,
+    );
+    t.insert(
+        "embeddings.position_embeddings.weight".into(),
+        rand_tensor(&[pos, h])?,
+    );
+    t.insert(
+        "embeddings.token_type_embeddings.weight".into(),
+        rand_tensor(&[types, h])?,
+    );
     t.insert("embeddings.LayerNorm.weight".into(), ones(h)?);
     t.insert("embeddings.LayerNorm.bias".into(), zeros(h)?);
     for l in 0..layers {

@@ -45,7 +45,10 @@ impl EncoderHandle {
     }
 
     /// Embeds one batch; returns the vectors in input order and the time the model took.
-    pub async fn embed(&self, seqs: Vec<Vec<u32>>) -> Result<(Vec<Vec<f32>>, Duration), EmbedError> {
+    pub async fn embed(
+        &self,
+        seqs: Vec<Vec<u32>>,
+    ) -> Result<(Vec<Vec<f32>>, Duration), EmbedError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job { seqs, reply })

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use qdrant_edge::{
-    CountRequest, Distance, EdgeConfig, EdgeShard, EdgeVectorParams, PointId, PointInsertOperations,
-    PointOperations, PointStruct, QueryEnum, SearchRequest, UpdateOperation, WithPayloadInterface,
-    WithVector,
+    CountRequest, Distance, EdgeConfig, EdgeShard, EdgeVectorParams, PointId,
+    PointInsertOperations, PointOperations, PointStruct, QueryEnum, SearchRequest, UpdateOperation,
+    WithPayloadInterface, WithVector,
 };
 use uuid::Uuid;
 
@@ -63,7 +63,9 @@ impl EmbeddedSink {
             .lock()
             .expect("shard lock")
             .clone()
-            .ok_or_else(|| SinkError::Permanent("embedded store used before ensure_collection".into()))
+            .ok_or_else(|| {
+                SinkError::Permanent("embedded store used before ensure_collection".into())
+            })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -129,17 +131,17 @@ impl Sink for EmbeddedSink {
                     })
                     .collect::<Vec<_>>();
                 shard
-                    .update(UpdateOperation::PointOperation(PointOperations::UpsertPoints(
-                        PointInsertOperations::PointsList(points),
-                    )))
+                    .update(UpdateOperation::PointOperation(
+                        PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
+                    ))
                     .map_err(err)?;
             }
             if !deletes.is_empty() {
                 let ids = deletes.into_iter().map(PointId::Uuid).collect();
                 shard
-                    .update(UpdateOperation::PointOperation(PointOperations::DeletePoints {
-                        ids,
-                    }))
+                    .update(UpdateOperation::PointOperation(
+                        PointOperations::DeletePoints { ids },
+                    ))
                     .map_err(err)?;
             }
             shard.flush();
@@ -173,7 +175,11 @@ impl Sink for EmbeddedSink {
         self.blocking(move |shard| {
             let ids: Vec<PointId> = ids.into_iter().map(PointId::Uuid).collect();
             let found = shard
-                .retrieve(&ids, Some(WithPayloadInterface::Bool(true)), Some(WithVector::Bool(true)))
+                .retrieve(
+                    &ids,
+                    Some(WithPayloadInterface::Bool(true)),
+                    Some(WithVector::Bool(true)),
+                )
                 .map_err(err)?;
             Ok(found
                 .into_iter()

@@ -101,6 +101,8 @@ pub async fn open(settings: &crate::settings::Settings) -> Result<AnySink, SinkE
         SinkKind::Embedded => Ok(AnySink::Embedded(embedded::EmbeddedSink::open(
             std::path::Path::new(&settings.embedded.path).join(&settings.embedded.collection),
         ))),
-        SinkKind::Qdrant => Ok(AnySink::Qdrant(qdrant::QdrantSink::connect(&settings.qdrant)?)),
+        SinkKind::Qdrant => Ok(AnySink::Qdrant(qdrant::QdrantSink::connect(
+            &settings.qdrant,
+        )?)),
     }
 }

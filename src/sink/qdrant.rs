@@ -27,7 +27,10 @@ fn classify(e: QdrantError) -> SinkError {
         QdrantError::ResponseError { status }
             if matches!(
                 status.code(),
-                Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied | Code::NotFound
+                Code::InvalidArgument
+                    | Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::NotFound
             ) =>
         {
             SinkError::Permanent(e.to_string())
@@ -200,6 +203,10 @@ impl Sink for QdrantSink {
     }
 
     async fn ping(&self) -> Result<(), SinkError> {
-        self.client.health_check().await.map(|_| ()).map_err(classify)
+        self.client
+            .health_check()
+            .await
+            .map(|_| ())
+            .map_err(classify)
     }
 }

@@ -92,9 +92,7 @@ pub fn decode(rec: &Record<'_>, cfg: &MessageSettings) -> Decoded {
     let (text, id_value) = if json {
         let obj = match serde_json::from_str::<Value>(body) {
             Ok(Value::Object(o)) => o,
-            Ok(_) => {
-                return Decoded::Reject(Rejection::new("invalid_json", "not a JSON object"))
-            }
+            Ok(_) => return Decoded::Reject(Rejection::new("invalid_json", "not a JSON object")),
             Err(e) => return Decoded::Reject(Rejection::new("invalid_json", e.to_string())),
         };
         let text = match obj.get(&cfg.text_field) {
@@ -154,7 +152,10 @@ pub fn decode(rec: &Record<'_>, cfg: &MessageSettings) -> Decoded {
         payload.insert("timestamp_ms".into(), ts.into());
     }
     if let Some(k) = rec.key {
-        payload.insert("key".into(), Value::String(String::from_utf8_lossy(k).into_owned()));
+        payload.insert(
+            "key".into(),
+            Value::String(String::from_utf8_lossy(k).into_owned()),
+        );
     }
     Decoded::Upsert { id, text, payload }
 }
@@ -203,7 +204,8 @@ mod tests {
     #[test]
     fn json_with_id_and_metadata() {
         let body = r#"{"id": 42, "text": "안녕하세요 😀", "lang": "ko", "other": 1}"#;
-        let Decoded::Upsert { id, text, payload } = decode(&rec(None, Some(body.as_bytes())), &cfg())
+        let Decoded::Upsert { id, text, payload } =
+            decode(&rec(None, Some(body.as_bytes())), &cfg())
         else {
             panic!()
         };
@@ -234,19 +236,37 @@ mod tests {
                 id: ids::from_entity(b"42")
             }
         );
-        assert_eq!(reason(decode(&rec(None, None), &cfg())), "tombstone_without_key");
+        assert_eq!(
+            reason(decode(&rec(None, None), &cfg())),
+            "tombstone_without_key"
+        );
     }
 
     #[test]
     fn bad_input_is_rejected_with_a_reason() {
         let c = cfg();
-        assert_eq!(reason(decode(&rec(None, Some(b"\xff\xfe")), &c)), "invalid_utf8");
-        assert_eq!(reason(decode(&rec(None, Some(b"{not json")), &c)), "invalid_json");
-        assert_eq!(reason(decode(&rec(None, Some(br#"{"t": 1}"#)), &c)), "missing_text_field");
-        assert_eq!(reason(decode(&rec(None, Some(br#"{"text": 1}"#)), &c)), "text_not_string");
+        assert_eq!(
+            reason(decode(&rec(None, Some(b"\xff\xfe")), &c)),
+            "invalid_utf8"
+        );
+        assert_eq!(
+            reason(decode(&rec(None, Some(b"{not json")), &c)),
+            "invalid_json"
+        );
+        assert_eq!(
+            reason(decode(&rec(None, Some(br#"{"t": 1}"#)), &c)),
+            "missing_text_field"
+        );
+        assert_eq!(
+            reason(decode(&rec(None, Some(br#"{"text": 1}"#)), &c)),
+            "text_not_string"
+        );
         let deep = "[".repeat(10_000);
         let body = format!(r#"{{"text": {deep}"#);
-        assert_eq!(reason(decode(&rec(None, Some(body.as_bytes())), &c)), "invalid_json");
+        assert_eq!(
+            reason(decode(&rec(None, Some(body.as_bytes())), &c)),
+            "invalid_json"
+        );
         let big = vec![b'a'; c.max_message_bytes + 1];
         assert_eq!(reason(decode(&rec(None, Some(&big)), &c)), "too_large");
     }

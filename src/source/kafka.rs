@@ -90,9 +90,8 @@ impl ConsumerContext for SourceContext {
             // Let the pipeline finish what it holds for these partitions, so their offsets
             // are committed by us rather than replayed by the next owner. block_in_place
             // keeps this runtime worker's other tasks running meanwhile.
-            let in_runtime = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-                h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-            });
+            let in_runtime = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
             if in_runtime {
                 tokio::task::block_in_place(|| self.drain(&revoked));
             } else {
@@ -100,7 +99,9 @@ impl ConsumerContext for SourceContext {
             }
             match consumer.commit_consumer_state(CommitMode::Sync) {
                 Ok(()) => {}
-                Err(e) => tracing::debug!(error = %e, "commit on revoke (nothing stored is normal)"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "commit on revoke (nothing stored is normal)")
+                }
             }
             let mut t = self.tracker.lock().expect("tracker lock");
             for tp in &revoked {
@@ -164,7 +165,11 @@ pub fn consumer(
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false");
     // Bound what librdkafka prefetches (default 64 MiB per consumer), unless set by the user.
-    if !k.properties.keys().any(|p| p.replace('_', ".") == "queued.max.messages.kbytes") {
+    if !k
+        .properties
+        .keys()
+        .any(|p| p.replace('_', ".") == "queued.max.messages.kbytes")
+    {
         c.set("queued.max.messages.kbytes", "16384");
     }
     let consumer: KafkaConsumer = c.create_with_context(SourceContext {
@@ -254,12 +259,30 @@ impl DeadLetters for KafkaDeadLetters {
             let (topic, partition, offset) = origin.describe();
             let (partition, offset) = (partition.to_string(), offset.to_string());
             let headers = OwnedHeaders::new()
-                .insert(Header { key: H_REASON, value: Some(rejection.reason) })
-                .insert(Header { key: H_ERROR, value: Some(rejection.detail.as_str()) })
-                .insert(Header { key: H_CLASS, value: Some("permanent") })
-                .insert(Header { key: H_TOPIC, value: Some(topic) })
-                .insert(Header { key: H_PARTITION, value: Some(partition.as_str()) })
-                .insert(Header { key: H_OFFSET, value: Some(offset.as_str()) });
+                .insert(Header {
+                    key: H_REASON,
+                    value: Some(rejection.reason),
+                })
+                .insert(Header {
+                    key: H_ERROR,
+                    value: Some(rejection.detail.as_str()),
+                })
+                .insert(Header {
+                    key: H_CLASS,
+                    value: Some("permanent"),
+                })
+                .insert(Header {
+                    key: H_TOPIC,
+                    value: Some(topic),
+                })
+                .insert(Header {
+                    key: H_PARTITION,
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: H_OFFSET,
+                    value: Some(offset.as_str()),
+                });
             let mut rec: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.topic).headers(headers);
             if let Some(k) = key {

@@ -1,0 +1,480 @@
+//! `streambed backfill`: files (JSON lines, CSV with a header, plain text; `.gz` too) or
+//! a directory of them through the same batcher, encoder and store as the stream.
+//!
+//! Resumable: a checkpoint file records, per input file, how many lines are finished
+//! (the contiguous prefix, like a Kafka offset). An interrupted run restarts after that
+//! prefix; lines finished beyond it are redone and overwrite their points (ids come from
+//! the id field, else from file name + line number).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::embed::worker::EncoderHandle;
+use crate::ids;
+use crate::metrics::Metrics;
+use crate::offsets::OffsetTracker;
+use crate::pipeline::{self, Completion, DeadLetters, Item, Op, Origin};
+use crate::run::{load_model, open_sink, pipeline_config};
+use crate::settings::{MessageFormat, MessageSettings, Settings};
+use crate::source::decode::{decode, Decoded, Record, Rejection};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    JsonLines,
+    Csv,
+    Text,
+}
+
+fn kind_of(path: &Path) -> Option<Kind> {
+    let name = path.file_name()?.to_string_lossy().to_lowercase();
+    let name = name.strip_suffix(".gz").unwrap_or(&name);
+    match Path::new(name).extension()?.to_str()? {
+        "jsonl" | "ndjson" | "json" => Some(Kind::JsonLines),
+        "csv" => Some(Kind::Csv),
+        "txt" | "text" => Some(Kind::Text),
+        _ => None,
+    }
+}
+
+/// The files to read, sorted, recursing into directories.
+pub fn list_inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if input.is_file() {
+        kind_of(input).with_context(|| {
+            format!(
+                "{}: use .jsonl, .csv or .txt (optionally .gz)",
+                input.display()
+            )
+        })?;
+        return Ok(vec![input.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![input.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if kind_of(&p).is_some() {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn open(path: &Path) -> anyhow::Result<Box<dyn Read + Send>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(f)))
+    } else {
+        Ok(Box::new(f))
+    }
+}
+
+/// Finished-line counts per file, written atomically.
+#[derive(Default)]
+struct Checkpoint {
+    path: PathBuf,
+    done: BTreeMap<String, u64>,
+    dirty: bool,
+}
+
+impl Checkpoint {
+    fn load(path: &Path) -> anyhow::Result<Self> {
+        let done = if path.exists() {
+            serde_json::from_str(&std::fs::read_to_string(path)?).with_context(|| {
+                format!(
+                    "checkpoint {} is not valid; delete it to start over",
+                    path.display()
+                )
+            })?
+        } else {
+            BTreeMap::new()
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            done,
+            dirty: false,
+        })
+    }
+
+    fn save(&mut self) -> std::io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(&self.done)?.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+struct FileCompletion {
+    tracker: Mutex<OffsetTracker>,
+    checkpoint: Mutex<Checkpoint>,
+    last_save: Mutex<Instant>,
+    progress: indicatif::ProgressBar,
+}
+
+impl Completion for FileCompletion {
+    fn done(&self, origins: &[Origin]) {
+        let mut t = self.tracker.lock().expect("tracker");
+        let mut c = self.checkpoint.lock().expect("checkpoint");
+        for o in origins {
+            if let Origin::File { file, line } = o {
+                if let Some(next) = t.complete(&(file.to_string(), 0), 0, *line as i64) {
+                    c.done.insert(file.to_string(), next as u64);
+                    c.dirty = true;
+                }
+            }
+        }
+        self.progress.inc(origins.len() as u64);
+        let mut last = self.last_save.lock().expect("last save");
+        if last.elapsed() > Duration::from_millis(500) {
+            if let Err(e) = c.save() {
+                tracing::warn!(error = %e, "could not save the checkpoint");
+            }
+            *last = Instant::now();
+        }
+    }
+}
+
+/// Dead letters of a backfill: one JSON line each, synced before it counts as delivered.
+struct FileDeadLetters {
+    file: Mutex<std::fs::File>,
+}
+
+impl DeadLetters for FileDeadLetters {
+    fn send<'a>(
+        &'a self,
+        origin: &'a Origin,
+        rejection: &'a Rejection,
+        _key: Option<&'a [u8]>,
+        value: Option<&'a [u8]>,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        let (file, _, line) = origin.describe();
+        let rec = serde_json::json!({
+            "file": file,
+            "line": line,
+            "reason": rejection.reason,
+            "error": rejection.detail,
+            "value": value.map(|v| String::from_utf8_lossy(v).into_owned()),
+        });
+        let r = (|| -> std::io::Result<()> {
+            let mut f = self.file.lock().expect("dead letter file");
+            writeln!(f, "{rec}")?;
+            f.sync_data()
+        })()
+        .map_err(|e| e.to_string());
+        Box::pin(async move { r })
+    }
+}
+
+/// Turns a line into an item: the stream's decoder, with file and line in place of
+/// topic, partition and offset.
+fn line_item(file: &Arc<str>, line: u64, raw: Vec<u8>, kind: Kind, cfg: &MessageSettings) -> Item {
+    let cfg_for_kind;
+    let cfg = match kind {
+        Kind::Text => {
+            cfg_for_kind = MessageSettings {
+                format: MessageFormat::Text,
+                ..cfg.clone()
+            };
+            &cfg_for_kind
+        }
+        Kind::JsonLines | Kind::Csv => {
+            cfg_for_kind = MessageSettings {
+                format: MessageFormat::Json,
+                ..cfg.clone()
+            };
+            &cfg_for_kind
+        }
+    };
+    let rec = Record {
+        topic: file,
+        partition: -1,
+        offset: line as i64,
+        key: None,
+        payload: Some(&raw),
+        timestamp_ms: None,
+    };
+    let op = match decode(&rec, cfg) {
+        Decoded::Upsert {
+            mut id,
+            text,
+            mut payload,
+        } => {
+            if id == ids::from_position(file, -1, line as i64) {
+                id = ids::from_file_line(file, line);
+            }
+            for k in ["topic", "partition", "offset"] {
+                payload.remove(k);
+            }
+            payload.insert("file".into(), Value::String(file.to_string()));
+            payload.insert("line".into(), line.into());
+            Op::Upsert { id, text, payload }
+        }
+        Decoded::Delete { id } => Op::Delete { id },
+        Decoded::Reject(rejection) => Op::Reject {
+            rejection,
+            key: None,
+            value: Some(raw),
+        },
+    };
+    Item {
+        origin: Origin::File {
+            file: file.clone(),
+            line,
+        },
+        op,
+        timestamp_ms: None,
+    }
+}
+
+/// Reads one file from line `skip` on and sends its items; stops early when `stop` is set.
+async fn feed_file(
+    path: &Path,
+    skip: u64,
+    cfg: &MessageSettings,
+    input: &tokio::sync::mpsc::Sender<Item>,
+    completion: &FileCompletion,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<bool> {
+    let kind = kind_of(path).expect("listed files have a kind");
+    let name: Arc<str> = Arc::from(path.to_string_lossy().as_ref());
+    let reader = open(path)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(256);
+    // Reading and decompressing are blocking; they run on their own thread.
+    let reading = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        if kind == Kind::Csv {
+            let mut r = csv::Reader::from_reader(reader);
+            let headers = r.headers()?.clone();
+            for (n, rec) in r.records().enumerate() {
+                let line = n as u64;
+                let raw = match rec {
+                    Ok(rec) => {
+                        let obj: serde_json::Map<String, Value> = headers
+                            .iter()
+                            .zip(rec.iter())
+                            .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
+                            .collect();
+                        serde_json::to_vec(&obj)?
+                    }
+                    Err(e) => format!("<unreadable CSV record: {e}>").into_bytes(),
+                };
+                if line >= skip && tx.blocking_send((line, raw)).is_err() {
+                    break;
+                }
+            }
+        } else {
+            let mut r = BufReader::new(reader);
+            let mut buf = Vec::new();
+            let mut line = 0u64;
+            loop {
+                buf.clear();
+                if r.read_until(b'\n', &mut buf)? == 0 {
+                    break;
+                }
+                while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    buf.pop();
+                }
+                if line >= skip && tx.blocking_send((line, std::mem::take(&mut buf))).is_err() {
+                    break;
+                }
+                line += 1;
+            }
+        }
+        Ok(())
+    });
+    while let Some((line, raw)) = rx.recv().await {
+        if *stop.borrow() {
+            return Ok(false);
+        }
+        completion
+            .tracker
+            .lock()
+            .expect("tracker")
+            .register(&(name.to_string(), 0), line as i64);
+        if input
+            .send(line_item(&name, line, raw, kind, cfg))
+            .await
+            .is_err()
+        {
+            return Ok(false);
+        }
+    }
+    reading.await??;
+    Ok(true)
+}
+
+/// Figures of a backfill run.
+#[derive(Debug)]
+pub struct Summary {
+    pub files: usize,
+    pub lines: u64,
+    pub seconds: f64,
+    pub complete: bool,
+}
+
+pub async fn backfill(
+    s: Settings,
+    input: &Path,
+    checkpoint: &Path,
+    dead_letter: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let files = list_inputs(input)?;
+    anyhow::ensure!(
+        !files.is_empty(),
+        "{}: no .jsonl, .csv or .txt files found",
+        input.display()
+    );
+    let n_files = files.len();
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let model = load_model(&s, &metrics, &s.model.prefix).await?;
+    let sink = open_sink(&s, model.info.dim, &mut stop_rx.clone()).await?;
+    let mut cp = Checkpoint::load(checkpoint)?;
+    let total: u64 = files
+        .iter()
+        .filter(|f| f.extension().is_none_or(|e| e != "gz"))
+        .map(|f| {
+            std::fs::read(f)
+                .map_or(0, |b| bytecount_lines(&b))
+                .saturating_sub(
+                    cp.done
+                        .get(f.to_string_lossy().as_ref())
+                        .copied()
+                        .unwrap_or(0),
+                )
+        })
+        .sum();
+    cp.dirty = false;
+    let progress = indicatif::ProgressBar::new(total);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} lines  {per_sec}  eta {eta}")
+            .expect("template"),
+    );
+    let skips: Vec<u64> = files
+        .iter()
+        .map(|f| {
+            cp.done
+                .get(f.to_string_lossy().as_ref())
+                .copied()
+                .unwrap_or(0)
+        })
+        .collect();
+    let completion = Arc::new(FileCompletion {
+        tracker: Mutex::new(OffsetTracker::new()),
+        checkpoint: Mutex::new(cp),
+        last_save: Mutex::new(Instant::now()),
+        progress: progress.clone(),
+    });
+    let dead = Arc::new(FileDeadLetters {
+        file: Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dead_letter)
+                .with_context(|| format!("opening {}", dead_letter.display()))?,
+        ),
+    });
+    let pipe = pipeline::start(
+        pipeline_config(&s),
+        model.tokenizer,
+        EncoderHandle::spawn(model.encoder, 2),
+        sink,
+        dead,
+        completion.clone(),
+        metrics.clone(),
+    );
+    let feed = {
+        let completion = completion.clone();
+        let cfg = s.message.clone();
+        let stop = stop_rx.clone();
+        let input = pipe.input;
+        async move {
+            for (f, skip) in files.iter().zip(skips) {
+                if !feed_file(f, skip, &cfg, &input, &completion, &stop).await? {
+                    return Ok::<bool, anyhow::Error>(false);
+                }
+            }
+            Ok(true)
+        }
+    };
+    tokio::pin!(feed);
+    tokio::pin!(shutdown);
+    let complete = tokio::select! {
+        r = &mut feed => r?,
+        _ = &mut shutdown => { let _ = stop_tx.send(true); false }
+    };
+    let deadline = Duration::from_millis(s.shutdown.deadline_ms);
+    let drained = tokio::time::timeout(deadline, pipe.finished).await.is_ok();
+    {
+        let mut cp = completion.checkpoint.lock().expect("checkpoint");
+        cp.dirty = true;
+        cp.save().context("saving the checkpoint")?;
+    }
+    progress.finish_and_clear();
+    Ok(Summary {
+        files: n_files,
+        lines: progress.position(),
+        seconds: started.elapsed().as_secs_f64(),
+        complete: complete && drained,
+    })
+}
+
+fn bytecount_lines(b: &[u8]) -> u64 {
+    let n = b.iter().filter(|&&c| c == b'\n').count() as u64;
+    n + u64::from(b.last().is_some_and(|&c| c != b'\n'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_kinds() {
+        assert_eq!(kind_of(Path::new("a/b.jsonl")), Some(Kind::JsonLines));
+        assert_eq!(kind_of(Path::new("b.CSV.gz")), Some(Kind::Csv));
+        assert_eq!(kind_of(Path::new("c.txt")), Some(Kind::Text));
+        assert_eq!(kind_of(Path::new("d.parquet")), None);
+    }
+
+    #[test]
+    fn lines_get_file_ids_and_payload() {
+        let cfg = MessageSettings::default();
+        let f: Arc<str> = Arc::from("corpus.txt");
+        let item = line_item(&f, 3, "한국어 문장".as_bytes().to_vec(), Kind::Text, &cfg);
+        let Op::Upsert { id, payload, .. } = item.op else {
+            panic!()
+        };
+        assert_eq!(id, ids::from_file_line("corpus.txt", 3));
+        assert_eq!(payload["line"], 3);
+        assert!(!payload.contains_key("topic"));
+        let item = line_item(
+            &f,
+            4,
+            br#"{"id": "a", "text": "x"}"#.to_vec(),
+            Kind::JsonLines,
+            &cfg,
+        );
+        let Op::Upsert { id, .. } = item.op else {
+            panic!()
+        };
+        assert_eq!(id, ids::from_entity(b"a"));
+    }
+}

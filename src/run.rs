@@ -1,0 +1,205 @@
+//! `streambed run`: the worker. Wires settings, metrics, model, store and Kafka together,
+//! runs until `shutdown` resolves, then drains within `shutdown.deadline_ms`.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::{CommitMode, Consumer};
+use tokio::sync::watch;
+
+use crate::embed::worker::EncoderHandle;
+use crate::embed::{self, EncoderOptions, LoadedModel};
+use crate::metrics::{self, Metrics};
+use crate::offsets::OffsetTracker;
+use crate::pipeline::{self, PipelineConfig};
+use crate::settings::Settings;
+use crate::sink::{self, AnySink, Sink, SinkError};
+use crate::source::kafka;
+
+pub fn pipeline_config(s: &Settings) -> PipelineConfig {
+    PipelineConfig {
+        max_items: s.batch.max_items,
+        max_tokens: s.batch.max_tokens,
+        linger: Duration::from_millis(s.batch.linger_ms),
+        retry_initial: Duration::from_millis(s.sink.retry_initial_ms),
+        retry_max: Duration::from_millis(s.sink.retry_max_ms),
+    }
+}
+
+/// Loads the configured model off the async threads and records it in the metrics.
+pub async fn load_model(
+    s: &Settings,
+    metrics: &Metrics,
+    prefix: &str,
+) -> anyhow::Result<LoadedModel> {
+    let path = s.model.path.clone();
+    let prefix = prefix.to_string();
+    let opts = EncoderOptions {
+        device: s.model.device,
+        precision: s.model.dtype,
+        max_batch: s.model.forward_batch,
+    };
+    let m = tokio::task::spawn_blocking(move || embed::load_model(&path, &prefix, &opts))
+        .await?
+        .with_context(|| "model.path: the model could not be loaded")?;
+    metrics
+        .model_info
+        .with_label_values(&[
+            m.info.name.as_str(),
+            &m.info.dim.to_string(),
+            m.info.device.as_str(),
+            m.info.precision.as_str(),
+        ])
+        .set(1.0);
+    metrics.ready.model_loaded.store(true, Ordering::Relaxed);
+    tracing::info!(model = %m.info.name, dim = m.info.dim, pooling = m.info.pooling.as_str(),
+        normalize = m.info.normalize, max_seq_length = m.info.max_seq_length, "model loaded");
+    Ok(m)
+}
+
+/// Opens the store and makes sure the collection fits the model. Transient errors (store
+/// not up yet) are retried until `stop` turns true; permanent ones fail at once.
+pub async fn open_sink(
+    s: &Settings,
+    dim: usize,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Arc<AnySink>> {
+    let sink = Arc::new(sink::open(s).await?);
+    let mut wait = Duration::from_millis(s.sink.retry_initial_ms);
+    loop {
+        match sink.ensure_collection(dim).await {
+            Ok(()) => return Ok(sink),
+            Err(SinkError::Permanent(e)) => anyhow::bail!(e),
+            Err(SinkError::Transient(e)) => {
+                tracing::warn!(error = %e, "vector store not reachable yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => anyhow::bail!("stopped while waiting for the vector store"),
+                }
+                wait = (wait * 2).min(Duration::from_millis(s.sink.retry_max_ms));
+            }
+        }
+    }
+}
+
+/// Keeps `sink_ok` current for `/readyz` while nothing is being written.
+fn watch_sink(sink: Arc<AnySink>, metrics: Metrics, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        loop {
+            let ok = tokio::time::timeout(Duration::from_secs(2), sink.ping())
+                .await
+                .is_ok_and(|r| r.is_ok());
+            metrics.ready.sink_ok.store(ok, Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    });
+}
+
+/// Starts the metrics server when configured; returns its stop handle.
+pub async fn serve_metrics(
+    s: &Settings,
+    metrics: &Metrics,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    if s.metrics.addr.is_empty() {
+        return Ok(());
+    }
+    let addr = s.metrics.addr.parse().context("metrics.addr")?;
+    let mut stop = stop;
+    let bound = metrics::serve(addr, metrics.clone(), async move {
+        let _ = stop.changed().await;
+    })
+    .await
+    .with_context(|| format!("metrics.addr = {addr:?} could not be bound; choose a free port"))?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+    Ok(())
+}
+
+pub async fn run(s: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    serve_metrics(&s, &metrics, stop_rx.clone()).await?;
+    tokio::pin!(shutdown);
+
+    let model = tokio::select! {
+        m = load_model(&s, &metrics, &s.model.prefix) => m?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let dim = model.info.dim;
+    let encoder = EncoderHandle::spawn(model.encoder, 2);
+    let sink = {
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            r = open_sink(&s, dim, &mut stop) => r?,
+            _ = &mut shutdown => return Ok(()),
+        }
+    };
+    metrics.ready.sink_ok.store(true, Ordering::Relaxed);
+    watch_sink(sink.clone(), metrics.clone(), stop_rx.clone());
+
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let drain = Duration::from_millis(s.shutdown.deadline_ms);
+    let consumer = kafka::consumer(&s.kafka, tracker.clone(), metrics.clone(), drain)
+        .context("kafka: the consumer could not be created")?;
+    let producer = kafka::producer(&s.kafka).context("kafka: the producer could not be created")?;
+    let pipe = pipeline::start(
+        pipeline_config(&s),
+        model.tokenizer,
+        encoder,
+        sink,
+        Arc::new(kafka::KafkaDeadLetters {
+            producer,
+            topic: s.kafka.dead_letter_topic.clone(),
+        }),
+        Arc::new(kafka::KafkaCompletion {
+            consumer: consumer.clone(),
+            tracker: tracker.clone(),
+            metrics: metrics.clone(),
+        }),
+        metrics.clone(),
+    );
+    let mut reader = tokio::spawn(kafka::read_loop(
+        consumer.clone(),
+        tracker.clone(),
+        s.message.clone(),
+        pipe.input,
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+    tracing::info!(topics = ?s.kafka.topics, group = %s.kafka.group_id, "consuming");
+    tokio::select! {
+        _ = &mut shutdown => tracing::info!("shutdown requested: draining"),
+        r = &mut reader => tracing::warn!(result = ?r, "reader stopped"),
+    }
+    let _ = stop_tx.send(true);
+    let finished = pipe.finished;
+    let drained = tokio::time::timeout(drain, async move {
+        let _ = reader.await;
+        let _ = finished.await;
+    })
+    .await
+    .is_ok();
+    if !drained {
+        tracing::warn!(
+            deadline_ms = s.shutdown.deadline_ms,
+            "drain deadline passed; unfinished work will be replayed"
+        );
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::info!("final offsets committed"),
+        Err(e) => tracing::info!(error = %e, "final commit (nothing new to commit is normal)"),
+    }
+    consumer.unsubscribe();
+    drop(consumer);
+    tracing::info!(
+        in_flight = tracker.lock().map(|t| t.total_in_flight()).unwrap_or(0),
+        "stopped"
+    );
+    Ok(())
+}
