@@ -134,7 +134,9 @@ impl Completion for FileCompletion {
         let mut c = self.checkpoint.lock().expect("checkpoint");
         for o in origins {
             if let Origin::File { file, line } = o {
-                if let Some(next) = t.complete(&(file.to_string(), 0), 0, *line as i64) {
+                let tp = (file.to_string(), 0);
+                let generation = t.generation(&tp).unwrap_or_default();
+                if let Some(next) = t.complete(&tp, generation, *line as i64) {
                     c.done.insert(file.to_string(), next as u64);
                     c.dirty = true;
                 }
@@ -239,6 +241,7 @@ fn line_item(file: &Arc<str>, line: u64, raw: Vec<u8>, kind: Kind, cfg: &Message
             line,
         },
         op,
+        key: None,
         timestamp_ms: None,
     }
 }

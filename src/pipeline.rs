@@ -78,6 +78,8 @@ pub enum Op {
 pub struct Item {
     pub origin: Origin,
     pub op: Op,
+    /// The record's key, kept for the dead letter should the text fail to tokenise.
+    pub key: Option<Vec<u8>>,
     /// Event time (Kafka timestamp), for end-to-end latency.
     pub timestamp_ms: Option<i64>,
 }
@@ -187,7 +189,7 @@ fn prepare(item: Item, tokenizer: &TextTokenizer, metrics: &Metrics) -> Prepared
                 item: Item {
                     op: Op::Reject {
                         rejection: Rejection::new(e.reason(), e.to_string()),
-                        key: None,
+                        key: item.key.clone(),
                         value,
                     },
                     ..item
@@ -538,6 +540,7 @@ mod tests {
                 generation: 1,
             },
             op,
+            key: None,
             timestamp_ms: None,
         }
     }

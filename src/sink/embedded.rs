@@ -79,6 +79,35 @@ impl EmbeddedSink {
     }
 }
 
+impl EmbeddedSink {
+    /// Every point with payload and vector, page by page (for tests and exports).
+    pub async fn scroll_all(&self) -> Result<Vec<Hit>, SinkError> {
+        self.blocking(|shard| {
+            let mut out = Vec::new();
+            let mut offset = None;
+            loop {
+                let req = qdrant_edge::ScrollRequest {
+                    offset,
+                    limit: Some(1000),
+                    with_payload: Some(WithPayloadInterface::Bool(true)),
+                    with_vector: WithVector::Bool(true),
+                    ..Default::default()
+                };
+                let (page, next) = shard.scroll(req).map_err(err)?;
+                out.extend(
+                    page.into_iter()
+                        .map(|r| to_hit(r.id, 0.0, r.payload, r.vector)),
+                );
+                match next {
+                    Some(n) => offset = Some(n),
+                    None => return Ok(out),
+                }
+            }
+        })
+        .await
+    }
+}
+
 impl Sink for EmbeddedSink {
     async fn ensure_collection(&self, dim: usize) -> Result<(), SinkError> {
         let path = self.path.clone();

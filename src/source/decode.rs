@@ -139,6 +139,12 @@ pub fn decode(rec: &Record<'_>, cfg: &MessageSettings) -> Decoded {
     } else {
         (body.to_string(), None)
     };
+    if text.chars().all(|c| c.is_whitespace() || c.is_control()) {
+        return Decoded::Reject(Rejection::new(
+            "empty_text",
+            "text is empty or has only whitespace/control characters",
+        ));
+    }
     let id = match (&id_value, rec.key) {
         (Some(v), _) => ids::from_entity(v.as_bytes()),
         (None, Some(k)) if !k.is_empty() => ids::from_entity(k),

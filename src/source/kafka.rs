@@ -12,7 +12,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -397,7 +397,6 @@ fn to_item<M: Message>(m: &M, tracker: &Tracker, cfg: &MessageSettings, metrics:
         metrics.in_flight.set(t.total_in_flight() as i64);
         g
     };
-    let _ = m.headers().map(|h| h.count());
     Item {
         origin: Origin::Kafka {
             topic: Arc::from(m.topic()),
@@ -406,6 +405,7 @@ fn to_item<M: Message>(m: &M, tracker: &Tracker, cfg: &MessageSettings, metrics:
             generation,
         },
         op,
+        key: m.key().map(<[u8]>::to_vec),
         timestamp_ms: m.timestamp().to_millis(),
     }
 }

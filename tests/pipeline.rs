@@ -1,0 +1,378 @@
+//! End-to-end tests of `streambed run` and `streambed backfill` against a real
+//! Kafka-protocol broker (tansu), the real multilingual-e5-small weights and Qdrant's own
+//! engine (the embedded store).
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use streambed::ids;
+use support::*;
+
+const DIM: usize = 384;
+
+fn json_msg(id: &str, text: &str) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    let v = serde_json::json!({"id": id, "text": text, "lang": "ko"});
+    (
+        Some(id.as_bytes().to_vec()),
+        Some(v.to_string().into_bytes()),
+    )
+}
+
+fn korean_messages(n: usize, prefix: &str) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+    korean_sentences(n)
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json_msg(&format!("{prefix}-{i}"), s))
+        .collect()
+}
+
+/// The whole path: good Korean text (long, emoji, mixed scripts), poison messages and
+/// tombstones over 3 partitions; metrics and readiness while running; a clean SIGTERM;
+/// then the store, the dead-letter topic and the committed offsets are checked.
+#[test]
+fn streams_korean_text_into_the_store_with_dead_letters_and_tombstones() {
+    let _g = heavy();
+    let broker = Broker::start();
+    let topic = unique("events");
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    broker.create_topic(&topic, 3);
+
+    let mut msgs = korean_messages(1000, "ko");
+    let long = "대한민국의수도는서울특별시이며인구는약천만명이다".repeat(120);
+    let specials = [
+        ("long", long.as_str()),
+        ("emoji", "오늘 날씨 정말 좋네요 😀🎉👍🏽"),
+        ("mixed", "Kafka와 Qdrant로 벡터 검색 — 東京 café ∑ 123"),
+        ("nul", "널\u{0}문자가 들어간 문장"),
+        ("combining", "\u{0301}\u{0308} 결합 문자만"),
+    ];
+    for (id, text) in specials {
+        msgs.push(json_msg(id, text));
+    }
+    let poison: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = vec![
+        (
+            Some(b"p1".to_vec()),
+            Some(b"\xff\xfe\xfd not utf-8".to_vec()),
+        ),
+        (
+            Some(b"p2".to_vec()),
+            Some(br#"{"id": "p2", "text": ""}"#.to_vec()),
+        ),
+        (
+            Some(b"p3".to_vec()),
+            Some(br#"{"id": "p3", "body": "no text"}"#.to_vec()),
+        ),
+        (
+            Some(b"p4".to_vec()),
+            Some(br#"{"id": "p4", "text": 42}"#.to_vec()),
+        ),
+        (Some(b"p5".to_vec()), Some(vec![b'a'; 30_000])),
+        (
+            Some(b"p6".to_vec()),
+            Some(
+                "{\"id\": \"p6\", \"text\": \" \\u0007\\t \"}"
+                    .as_bytes()
+                    .to_vec(),
+            ),
+        ),
+    ];
+    msgs.extend(poison.clone());
+    // Tombstones for two points written earlier (same key, so same partition, later offset).
+    msgs.push((Some(b"ko-0".to_vec()), None));
+    msgs.push((Some(b"ko-1".to_vec()), None));
+    let ends = broker.produce(&topic, &msgs);
+    let total = msgs.len();
+    let good = 1000 + specials.len();
+
+    let mut env = worker_env(&broker, &topic, &group, dir.path());
+    env.push((
+        "STREAMBED__MESSAGE__MAX_MESSAGE_BYTES".into(),
+        "20000".into(),
+    ));
+    env.push(("STREAMBED__MESSAGE__METADATA_FIELDS".into(), "lang".into()));
+    let mut worker = Worker::spawn(&["run"], &env, &dir.path().join("worker.log"));
+
+    // /readyz answers 503 until the model is loaded, partitions are assigned and the
+    // store is open; then 200.
+    let mut saw_not_ready = false;
+    wait_until("/readyz 200", Duration::from_secs(120), || {
+        match worker.http("/readyz") {
+            Some((503, _)) => {
+                saw_not_ready = true;
+                false
+            }
+            Some((200, _)) => true,
+            _ => false,
+        }
+    });
+    assert!(
+        saw_not_ready,
+        "readiness must not be 200 before the model is loaded"
+    );
+    assert_eq!(worker.http("/healthz").map(|r| r.0), Some(200));
+
+    broker.wait_committed(&group, &topic, &ends, Duration::from_secs(240));
+    assert_eq!(
+        worker.metric("streambed_messages_consumed_total"),
+        total as f64
+    );
+    assert_eq!(
+        worker.metric("streambed_messages_embedded_total"),
+        good as f64
+    );
+    assert_eq!(
+        worker.metric("streambed_points_upserted_total"),
+        good as f64
+    );
+    assert_eq!(worker.metric("streambed_points_deleted_total"), 2.0);
+    assert_eq!(
+        worker.metric("streambed_messages_dead_lettered_total"),
+        poison.len() as f64
+    );
+    assert!(worker.metric("streambed_texts_truncated_total") >= 1.0);
+    assert!(worker.metric("streambed_batches_total") >= 1.0);
+    assert_eq!(worker.metric("streambed_in_flight_messages"), 0.0);
+    assert_eq!(worker.metric("streambed_model_info"), 1.0);
+
+    worker.signal(libc::SIGTERM);
+    assert_eq!(
+        worker.wait(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        worker.log_text()
+    );
+    assert!(worker.log_text().contains("stopped"));
+
+    let points = read_store(dir.path(), DIM);
+    assert_eq!(
+        points.len(),
+        good - 2,
+        "one point per distinct id, tombstoned ones gone"
+    );
+    for (i, s) in korean_sentences(1000).iter().enumerate() {
+        let id = ids::from_entity(format!("ko-{i}").as_bytes()).to_string();
+        if i < 2 {
+            assert!(!points.contains_key(&id), "ko-{i} was tombstoned");
+            continue;
+        }
+        let p = points.get(&id).unwrap_or_else(|| panic!("ko-{i} missing"));
+        assert_eq!(p.payload["text"], s.as_str());
+        assert_eq!(p.payload["lang"], "ko");
+        assert_eq!(p.payload["topic"], topic.as_str());
+    }
+    for (id, text) in specials {
+        let p = &points[&ids::from_entity(id.as_bytes()).to_string()];
+        assert_eq!(p.payload["text"], text);
+    }
+
+    // The stored vector is the model's embedding of the text (Qdrant normalises for cosine).
+    let model = streambed::embed::load_model(
+        e5_model().to_str().unwrap(),
+        "passage: ",
+        &Default::default(),
+    )
+    .unwrap();
+    use streambed::embed::Encoder;
+    for id in ["ko-5", "emoji", "long"] {
+        let p = &points[&ids::from_entity(id.as_bytes()).to_string()];
+        let text = p.payload["text"].as_str().unwrap();
+        let t = model.tokenizer.tokenize(text).unwrap();
+        let fresh = model.encoder.embed(&[t.ids.as_slice()]).unwrap().remove(0);
+        let cos = streambed::embed::cosine(&fresh, p.vector.as_ref().unwrap());
+        assert!(cos > 0.9999, "{id}: cosine {cos}");
+    }
+
+    let dead = broker.read(
+        &format!("{topic}-dlq"),
+        poison.len(),
+        Duration::from_secs(30),
+    );
+    let reasons: HashSet<&str> = dead
+        .iter()
+        .map(|r| r.headers["streambed.reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        HashSet::from([
+            "invalid_utf8",
+            "empty_text",
+            "missing_text_field",
+            "text_not_string",
+            "too_large"
+        ])
+    );
+    assert_eq!(dead.len(), poison.len());
+    for r in &dead {
+        assert_eq!(r.headers["streambed.original_topic"], topic);
+        assert_eq!(r.headers["streambed.error_class"], "permanent");
+        assert!(!r.headers["streambed.error"].is_empty());
+        let key = r.key.clone().unwrap();
+        let original = poison.iter().find(|p| p.0.as_ref() == Some(&key)).unwrap();
+        assert_eq!(
+            r.value, original.1,
+            "the dead letter carries the original bytes"
+        );
+    }
+}
+
+/// SIGKILL mid-stream, restart: every message ends up as exactly one point.
+#[test]
+fn sigkill_mid_stream_then_restart_loses_and_duplicates_nothing() {
+    let _g = heavy();
+    let broker = Broker::start();
+    let topic = unique("events");
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    broker.create_topic(&topic, 3);
+    let n = 1500;
+    let ends = broker.produce(&topic, &korean_messages(n, "k"));
+    let env = worker_env(&broker, &topic, &group, dir.path());
+
+    let mut first = Worker::spawn(&["run"], &env, &dir.path().join("first.log"));
+    wait_until("some progress", Duration::from_secs(120), || {
+        first.metric("streambed_points_upserted_total") >= 300.0
+    });
+    first.kill9();
+    let committed_at_kill: i64 = broker.committed(&group, &topic, 3).values().sum();
+    assert!((committed_at_kill as usize) < n, "killed before the end");
+
+    let mut second = Worker::spawn(&["run"], &env, &dir.path().join("second.log"));
+    broker.wait_committed(&group, &topic, &ends, Duration::from_secs(240));
+    second.signal(libc::SIGTERM);
+    assert_eq!(second.wait(Duration::from_secs(30)), Some(0));
+
+    let points = read_store(dir.path(), DIM);
+    assert_eq!(points.len(), n, "no loss, no duplicates");
+    let expected: HashSet<String> = (0..n)
+        .map(|i| ids::from_entity(format!("k-{i}").as_bytes()).to_string())
+        .collect();
+    assert_eq!(points.keys().cloned().collect::<HashSet<_>>(), expected);
+}
+
+/// A second consumer joins the group mid-stream and leaves again: nothing is lost. Each
+/// worker has its own embedded store (one process per store), so the union must hold
+/// every id.
+#[test]
+fn a_consumer_joining_and_leaving_loses_nothing() {
+    let _g = heavy();
+    let broker = Broker::start();
+    let topic = unique("events");
+    let group = unique("group");
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    broker.create_topic(&topic, 3);
+    let n = 2000;
+    let all = korean_messages(n, "j");
+    let mut ends = broker.produce(&topic, &all[..1000]);
+
+    let mut a = Worker::spawn(
+        &["run"],
+        &worker_env(&broker, &topic, &group, a_dir.path()),
+        &a_dir.path().join("a.log"),
+    );
+    wait_until("a makes progress", Duration::from_secs(120), || {
+        a.metric("streambed_points_upserted_total") >= 200.0
+    });
+    let mut b = Worker::spawn(
+        &["run"],
+        &worker_env(&broker, &topic, &group, b_dir.path()),
+        &b_dir.path().join("b.log"),
+    );
+    wait_until("b is assigned partitions", Duration::from_secs(120), || {
+        b.http("/readyz").is_some_and(|r| r.0 == 200)
+    });
+    // The second half arrives while both members share the partitions.
+    for (p, end) in broker.produce(&topic, &all[1000..]) {
+        let e = ends.entry(p).or_insert(0);
+        *e = (*e).max(end);
+    }
+    wait_until("b works", Duration::from_secs(120), || {
+        b.metric("streambed_points_upserted_total") >= 100.0
+    });
+    b.signal(libc::SIGTERM);
+    assert_eq!(b.wait(Duration::from_secs(30)), Some(0), "{}", b.log_text());
+    broker.wait_committed(&group, &topic, &ends, Duration::from_secs(240));
+    a.signal(libc::SIGTERM);
+    assert_eq!(a.wait(Duration::from_secs(30)), Some(0));
+
+    let in_a = read_store(a_dir.path(), DIM);
+    let in_b = read_store(b_dir.path(), DIM);
+    assert!(!in_b.is_empty(), "the second consumer took part");
+    let union: HashSet<&String> = in_a.keys().chain(in_b.keys()).collect();
+    assert_eq!(union.len(), n, "every message is in one of the stores");
+}
+
+/// A backfill interrupted with SIGKILL resumes from its checkpoint and completes with
+/// exactly one point per line.
+#[test]
+fn backfill_interrupted_and_resumed_is_complete_without_duplicates() {
+    let _g = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("corpus.jsonl");
+    let n = 2000;
+    let mut lines = String::new();
+    for (i, s) in korean_sentences(n).iter().enumerate() {
+        if i % 2 == 0 {
+            lines.push_str(&serde_json::json!({"id": format!("b-{i}"), "text": s}).to_string());
+        } else {
+            lines.push_str(&serde_json::json!({"text": s}).to_string());
+        }
+        lines.push('\n');
+    }
+    lines.push_str("{\"text\": \"\"}\n");
+    std::fs::write(&input, &lines).unwrap();
+    let mut env = vec![
+        (
+            "STREAMBED__MODEL__PATH".to_string(),
+            e5_model().to_string_lossy().into_owned(),
+        ),
+        (
+            "STREAMBED__EMBEDDED__PATH".to_string(),
+            dir.path().join("store").to_string_lossy().into_owned(),
+        ),
+    ];
+    env.push(("STREAMBED__METRICS__ADDR".into(), String::new()));
+    let args = ["backfill", "--input", input.to_str().unwrap()];
+    let checkpoint = dir.path().join("streambed-backfill.checkpoint.json");
+
+    let mut first = Worker::spawn(&args, &env, &dir.path().join("first.log"));
+    wait_until(
+        "a checkpoint with progress",
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(&checkpoint)
+                .ok()
+                .and_then(|s| serde_json::from_str::<HashMap<String, u64>>(&s).ok())
+                .is_some_and(|m| m.values().any(|v| *v >= 300))
+        },
+    );
+    first.kill9();
+
+    let mut second = Worker::spawn(&args, &env, &dir.path().join("second.log"));
+    assert_eq!(
+        second.wait(Duration::from_secs(300)),
+        Some(0),
+        "{}",
+        second.log_text()
+    );
+    assert!(
+        second.log_text().contains("complete=true"),
+        "{}",
+        second.log_text()
+    );
+
+    let points = read_store(&dir.path().join("store"), DIM);
+    assert_eq!(
+        points.len(),
+        n,
+        "one point per line, the empty line dead-lettered"
+    );
+    let dead =
+        std::fs::read_to_string(dir.path().join("streambed-backfill.dead-letter.jsonl")).unwrap();
+    assert!(dead.contains("empty_text"), "{dead}");
+    assert!(points.contains_key(&ids::from_entity(b"b-0").to_string()));
+    assert!(points.contains_key(&ids::from_file_line(input.to_str().unwrap(), 1).to_string()));
+}

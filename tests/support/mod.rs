@@ -1,0 +1,420 @@
+//! Test support: a real Kafka-protocol broker (tansu), the worker binary as a child
+//! process, Kafka helpers, and read access to the embedded store once a worker stopped.
+//! Every test uses its own topic, group, store folder and ports, so tests can run in
+//! parallel; the heavy ones take `heavy()` to keep a 2-core machine responsive.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, TopicPartitionList};
+
+static HEAVY: Mutex<()> = Mutex::new(());
+
+/// Serialises tests that run the model in a child process.
+pub fn heavy() -> MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Korean-capable test model (scripts/fetch-models.sh).
+pub fn e5_model() -> PathBuf {
+    let dir = std::env::var_os("STREAMBED_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models"))
+        .join("multilingual-e5-small");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run scripts/fetch-models.sh first",
+        dir.display()
+    );
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Waits for `cond` with a deadline, polling.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A tansu broker on a free loopback port, in-memory storage, killed on drop.
+pub struct Broker {
+    child: Child,
+    pub addr: String,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        let bin = std::env::var_os("STREAMBED_TANSU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join(".tools/tansu"));
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/fetch-broker.sh first",
+            bin.display()
+        );
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let addr = format!("127.0.0.1:{port}");
+        wait_until("the broker to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        Broker { child, addr }
+    }
+
+    fn config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.addr);
+        c
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<_> = self.config().create().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let r = rt
+            .block_on(admin.create_topics(
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            ))
+            .unwrap();
+        for x in r {
+            x.unwrap();
+        }
+    }
+
+    /// Produces records (key, value; `None` value is a tombstone) and returns the end
+    /// offset per partition. One message per request: tansu reports watermarks early
+    /// for multi-message batches.
+    pub fn produce(
+        &self,
+        topic: &str,
+        records: &[(Option<Vec<u8>>, Option<Vec<u8>>)],
+    ) -> HashMap<i32, i64> {
+        let producer: FutureProducer = self
+            .config()
+            .set("batch.num.messages", "1")
+            .set("enable.idempotence", "true")
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut ends = HashMap::new();
+        rt.block_on(async {
+            let mut pending = Vec::new();
+            for (k, v) in records {
+                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+                if let Some(k) = k {
+                    rec = rec.key(k.as_slice());
+                }
+                if let Some(v) = v {
+                    rec = rec.payload(v.as_slice());
+                }
+                pending.push(producer.send(rec, Duration::from_secs(30)));
+            }
+            for f in pending {
+                let d = f.await.map_err(|(e, _)| e).expect("delivered");
+                let e = ends.entry(d.partition).or_insert(0);
+                *e = (*e).max(d.offset + 1);
+            }
+        });
+        ends
+    }
+
+    /// The group's committed offsets for `topic`'s partitions.
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+        let c: BaseConsumer = self.config().set("group.id", group).create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        match c.committed_offsets(tpl, Duration::from_secs(5)) {
+            Ok(t) => t
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    e.offset()
+                        .to_raw()
+                        .filter(|o| *o >= 0)
+                        .map(|o| (e.partition(), o))
+                })
+                .collect(),
+            Err(_) => HashMap::new(),
+        }
+    }
+
+    /// Waits until the group committed everything up to `ends`.
+    pub fn wait_committed(
+        &self,
+        group: &str,
+        topic: &str,
+        ends: &HashMap<i32, i64>,
+        timeout: Duration,
+    ) {
+        let n = ends.keys().max().map_or(0, |m| m + 1);
+        wait_until("offsets committed to the end", timeout, || {
+            let c = self.committed(group, topic, n);
+            ends.iter().all(|(p, end)| c.get(p) == Some(end))
+        });
+    }
+
+    /// Reads `n` records of a topic from the beginning: (key, value, headers).
+    pub fn read(&self, topic: &str, n: usize, timeout: Duration) -> Vec<Record> {
+        let c: BaseConsumer = self
+            .config()
+            .set("group.id", unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .create()
+            .unwrap();
+        c.subscribe(&[topic]).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| {
+                                (
+                                    x.key.to_string(),
+                                    String::from_utf8_lossy(x.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Record {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Settings for a worker against `broker`, as STREAMBED__* variables.
+pub fn worker_env(
+    broker: &Broker,
+    topic: &str,
+    group: &str,
+    store: &Path,
+) -> Vec<(String, String)> {
+    [
+        ("STREAMBED__KAFKA__BROKERS", broker.addr.clone()),
+        ("STREAMBED__KAFKA__TOPICS", topic.to_string()),
+        ("STREAMBED__KAFKA__GROUP_ID", group.to_string()),
+        (
+            "STREAMBED__KAFKA__DEAD_LETTER_TOPIC",
+            format!("{topic}-dlq"),
+        ),
+        ("STREAMBED__KAFKA__SESSION_TIMEOUT_MS", "6000".into()),
+        ("STREAMBED__KAFKA__HEARTBEAT_INTERVAL_MS", "500".into()),
+        (
+            "STREAMBED__MODEL__PATH",
+            e5_model().to_string_lossy().into_owned(),
+        ),
+        (
+            "STREAMBED__EMBEDDED__PATH",
+            store.to_string_lossy().into_owned(),
+        ),
+        (
+            "STREAMBED__METRICS__ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        ("STREAMBED__SHUTDOWN__DEADLINE_MS", "20000".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The worker binary as a child process; killed on drop.
+pub struct Worker {
+    child: Option<Child>,
+    pub metrics_addr: String,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn spawn(args: &[&str], env: &[(String, String)], log: &Path) -> Self {
+        let out = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_streambed"))
+            .args(args)
+            .current_dir(log.parent().unwrap())
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "streambed=debug,warn")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn worker");
+        let metrics_addr = env
+            .iter()
+            .find(|(k, _)| k == "STREAMBED__METRICS__ADDR")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        Worker {
+            child: Some(child),
+            metrics_addr,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for exit; returns the exit code (None if killed by a signal).
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not exit within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.wait(Duration::from_secs(10));
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path of the metrics server: (status, body); None while it is not up.
+    pub fn http(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics_addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        Some((status, body))
+    }
+
+    /// A metric's value summed over its label sets (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let Some((_, body)) = self.http("/metrics") else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Opens an embedded store (the worker must have stopped) and reads every point.
+pub fn read_store(path: &Path, dim: usize) -> HashMap<String, streambed::sink::Hit> {
+    use streambed::sink::embedded::EmbeddedSink;
+    use streambed::sink::Sink;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let sink = EmbeddedSink::open(path.join("streambed"));
+        sink.ensure_collection(dim).await.unwrap();
+        sink.scroll_all().await.unwrap()
+    })
+    .into_iter()
+    .map(|h| (h.id.clone(), h))
+    .collect()
+}
+
+/// KorSTS sentences, distinct, in file order.
+pub fn korean_sentences(n: usize) -> Vec<String> {
+    let pairs = streambed::sts::load_pairs(&repo().join("datasets/korsts/sts-train.tsv")).unwrap();
+    let mut s = streambed::sts::sentences(&pairs);
+    assert!(s.len() >= n, "only {} sentences", s.len());
+    s.truncate(n);
+    s
+}
