@@ -1,7 +1,6 @@
 //! The encoder commands: `embed`, `eval`, `bench`, and the model-folder tools.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -171,7 +170,7 @@ pub fn evaluate(m: &LoadedModel, pairs: &[sts::Pair], batch: usize) -> anyhow::R
 }
 
 /// `streambed eval`.
-pub fn eval(args: &ModelArgs, data: &PathBuf) -> anyhow::Result<()> {
+pub fn eval(args: &ModelArgs, data: &std::path::Path) -> anyhow::Result<()> {
     let m = args.load()?;
     let pairs = sts::load_pairs(data)?;
     let r = evaluate(&m, &pairs, args.batch_size)?;
@@ -183,7 +182,7 @@ pub fn eval(args: &ModelArgs, data: &PathBuf) -> anyhow::Result<()> {
 }
 
 /// Reads benchmark sentences: an STS file (its distinct sentences) or plain text lines.
-pub fn read_sentences(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+pub fn read_sentences(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
     let is_sts = path.extension().is_some_and(|e| e == "json" || e == "tsv");
     if is_sts {
         return Ok(sts::sentences(&sts::load_pairs(path)?));
@@ -260,7 +259,11 @@ pub fn bench_encoder(
 }
 
 /// `streambed bench`.
-pub fn bench(args: &ModelArgs, input: &PathBuf, limit: Option<usize>) -> anyhow::Result<()> {
+pub fn bench(
+    args: &ModelArgs,
+    input: &std::path::Path,
+    limit: Option<usize>,
+) -> anyhow::Result<()> {
     let m = args.load()?;
     let mut sentences = read_sentences(input)?;
     if let Some(n) = limit {

@@ -12,7 +12,7 @@ use support::*;
 
 const DIM: usize = 384;
 
-fn json_msg(id: &str, text: &str) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+fn json_msg(id: &str, text: &str) -> Msg {
     let v = serde_json::json!({"id": id, "text": text, "lang": "ko"});
     (
         Some(id.as_bytes().to_vec()),
@@ -20,7 +20,7 @@ fn json_msg(id: &str, text: &str) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
     )
 }
 
-fn korean_messages(n: usize, prefix: &str) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+fn korean_messages(n: usize, prefix: &str) -> Vec<Msg> {
     korean_sentences(n)
         .iter()
         .enumerate()
@@ -52,7 +52,7 @@ fn streams_korean_text_into_the_store_with_dead_letters_and_tombstones() {
     for (id, text) in specials {
         msgs.push(json_msg(id, text));
     }
-    let poison: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = vec![
+    let poison: Vec<Msg> = vec![
         (
             Some(b"p1".to_vec()),
             Some(b"\xff\xfe\xfd not utf-8".to_vec()),

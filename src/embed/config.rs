@@ -138,7 +138,7 @@ impl ModelSpec {
                 reason: "only position_embedding_type=absolute is supported".into(),
             });
         }
-        if bert.hidden_size % bert.num_attention_heads != 0 {
+        if !bert.hidden_size.is_multiple_of(bert.num_attention_heads) {
             return Err(EmbedError::Model {
                 path: dir.join("config.json"),
                 reason: "hidden_size is not a multiple of num_attention_heads".into(),

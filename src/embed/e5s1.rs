@@ -177,7 +177,7 @@ fn tensor(
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
         );
-    } else if n % QK == 0 && e.data.len() == n / QK * Q4_BLOCK_BYTES {
+    } else if n.is_multiple_of(QK) && e.data.len() == n / QK * Q4_BLOCK_BYTES {
         dequantize_q4_0(e.data, &mut vals);
     } else {
         return Err(E5s1Error::Tensor {

@@ -88,7 +88,7 @@ impl TextTokenizer {
     /// Prepares one text. Empty or whitespace-only text, or text with nothing the
     /// tokenizer keeps (control characters only), is a permanent per-item error.
     pub fn tokenize(&self, text: &str) -> Result<Tokens, ItemError> {
-        if text.trim().is_empty() {
+        if text.chars().all(|c| c.is_whitespace() || c.is_control()) {
             return Err(ItemError::EmptyText);
         }
         let limit = self.max_seq_length * CHARS_PER_TOKEN_BOUND;

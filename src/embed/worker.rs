@@ -8,9 +8,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{EmbedError, Encoder};
 
+/// Vectors in input order and the time the model took.
+type Reply = Result<(Vec<Vec<f32>>, Duration), EmbedError>;
+
 struct Job {
     seqs: Vec<Vec<u32>>,
-    reply: oneshot::Sender<Result<(Vec<Vec<f32>>, Duration), EmbedError>>,
+    reply: oneshot::Sender<Reply>,
 }
 
 /// Cheap to clone; the thread ends when every handle is dropped.
@@ -45,10 +48,7 @@ impl EncoderHandle {
     }
 
     /// Embeds one batch; returns the vectors in input order and the time the model took.
-    pub async fn embed(
-        &self,
-        seqs: Vec<Vec<u32>>,
-    ) -> Result<(Vec<Vec<f32>>, Duration), EmbedError> {
+    pub async fn embed(&self, seqs: Vec<Vec<u32>>) -> Reply {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job { seqs, reply })

@@ -128,11 +128,7 @@ impl Broker {
     /// Produces records (key, value; `None` value is a tombstone) and returns the end
     /// offset per partition. One message per request: tansu reports watermarks early
     /// for multi-message batches.
-    pub fn produce(
-        &self,
-        topic: &str,
-        records: &[(Option<Vec<u8>>, Option<Vec<u8>>)],
-    ) -> HashMap<i32, i64> {
+    pub fn produce(&self, topic: &str, records: &[Msg]) -> HashMap<i32, i64> {
         let producer: FutureProducer = self
             .config()
             .set("batch.num.messages", "1")
@@ -245,6 +241,9 @@ impl Drop for Broker {
         let _ = self.child.wait();
     }
 }
+
+/// A record to produce: key and value (`None` value: a tombstone).
+pub type Msg = (Option<Vec<u8>>, Option<Vec<u8>>);
 
 #[derive(Debug)]
 pub struct Record {

@@ -1,0 +1,174 @@
+//! The encoder with real weights: sentence-transformers parity, KLUE-STS quality, Korean
+//! edge cases (past 512 tokens, unspaced, emoji, mixed scripts), and the 768-dimension
+//! klue/bert-base-shaped folder (vocab.txt tokenizer path).
+
+use std::path::PathBuf;
+
+use streambed::embed::{self, cosine, Encoder, EncoderOptions, ItemError, LoadedModel};
+
+fn models() -> PathBuf {
+    std::env::var_os("STREAMBED_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
+fn load(name: &str, prefix: &str) -> LoadedModel {
+    let dir = models().join(name);
+    assert!(
+        dir.exists(),
+        "{} missing: run scripts/fetch-models.sh",
+        dir.display()
+    );
+    embed::load_model(dir.to_str().unwrap(), prefix, &EncoderOptions::default()).unwrap()
+}
+
+fn embed_texts(m: &LoadedModel, texts: &[&str]) -> Vec<Vec<f32>> {
+    let toks: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| m.tokenizer.tokenize(t).unwrap().ids)
+        .collect();
+    let refs: Vec<&[u32]> = toks.iter().map(Vec::as_slice).collect();
+    m.encoder.embed(&refs).unwrap()
+}
+
+#[test]
+fn minilm_reference_pair() {
+    let m = load("all-minilm-l6-v2", "");
+    let v = embed_texts(
+        &m,
+        &["A man is eating food.", "A man is eating a piece of bread."],
+    );
+    let c = cosine(&v[0], &v[1]);
+    assert!((c - 0.7553).abs() < 0.001, "cosine {c}");
+    assert_eq!(v[0].len(), 384);
+    let norm: f32 = v[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!(
+        (norm - 1.0).abs() < 1e-4,
+        "modules.json asks for Normalize: norm {norm}"
+    );
+}
+
+#[test]
+fn vectors_match_sentence_transformers() {
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/st_reference.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let sentences: Vec<&str> = fixture["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for (name, reference) in fixture["models"].as_object().unwrap() {
+        let m = load(name, reference["prefix"].as_str().unwrap());
+        assert_eq!(
+            m.info.max_seq_length as u64,
+            reference["max_seq_length"].as_u64().unwrap(),
+            "{name}: max_seq_length"
+        );
+        let ours = embed_texts(&m, &sentences);
+        for (i, (a, b)) in ours
+            .iter()
+            .zip(reference["vectors"].as_array().unwrap())
+            .enumerate()
+        {
+            let b: Vec<f32> = b
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let c = cosine(a, &b);
+            assert!(
+                c >= 0.999,
+                "{name} sentence {i}: cosine {c} to sentence-transformers"
+            );
+        }
+    }
+}
+
+#[test]
+fn e5_small_klue_sts_dev_quality() {
+    let m = load("multilingual-e5-small", "query: ");
+    let pairs = streambed::sts::load_pairs(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/klue-sts/klue-sts-v1.1_dev.json"),
+    )
+    .unwrap();
+    let r = streambed::commands::evaluate(&m, &pairs, 32).unwrap();
+    assert_eq!(r.pairs, 519);
+    assert!(r.spearman >= 0.77, "KLUE-STS dev Spearman {}", r.spearman);
+}
+
+#[test]
+fn korean_edge_cases() {
+    let m = load("multilingual-e5-small", "passage: ");
+    // Past 512 tokens: cut, never an error.
+    let long = "대한민국의 수도는 서울이다. ".repeat(200);
+    let t = m.tokenizer.tokenize(&long).unwrap();
+    assert!(t.truncated);
+    assert_eq!(t.ids.len(), 512);
+    // 100k characters without a space: bounded work, truncated.
+    let unspaced = "가나다라마바사아자차카타파하".repeat(7200);
+    let t = m.tokenizer.tokenize(&unspaced).unwrap();
+    assert!(t.truncated && t.ids.len() == 512);
+    // Emoji, mixed scripts, NFD input (normalised to NFC first: same tokens as NFC).
+    let nfc = "한국어 문장 😀 東京 café";
+    let nfd: String = unicode_normalization::UnicodeNormalization::nfd(nfc).collect();
+    assert_ne!(nfc, nfd);
+    assert_eq!(
+        m.tokenizer.tokenize(nfc).unwrap().ids,
+        m.tokenizer.tokenize(&nfd).unwrap().ids
+    );
+    // Nothing to embed: a per-item error.
+    for empty in ["", "   \n\t", "\u{7}\u{0}"] {
+        assert_eq!(
+            m.tokenizer.tokenize(empty).unwrap_err(),
+            ItemError::EmptyText,
+            "{empty:?}"
+        );
+    }
+    let v = embed_texts(&m, &[&long, &unspaced, nfc, "짧다"]);
+    for x in &v {
+        assert_eq!(x.len(), 384);
+        assert!(x.iter().all(|f| f.is_finite()));
+    }
+}
+
+/// The klue/bert-base configuration: 768 dimensions, vocab.txt WordPiece (no
+/// tokenizer.json), no Normalize module. Padding must not change a vector.
+#[test]
+fn klue_bert_base_shape_768_dims_and_padding_invariance() {
+    let m = load("klue-bert-base-random", "");
+    assert_eq!(m.info.dim, 768);
+    assert!(!m.info.normalize);
+    let t = m.tokenizer.tokenize("한국어 문장입니다").unwrap();
+    assert_eq!(
+        t.ids.first(),
+        Some(&2),
+        "[CLS] first, as klue's vocabulary orders it"
+    );
+    assert!(
+        !t.ids.contains(&1),
+        "Hangul syllables are in the vocabulary, no [UNK]"
+    );
+    let short = "짧은 문장";
+    let alone = embed_texts(&m, &[short]).remove(0);
+    let batched = embed_texts(
+        &m,
+        &[&"아주 긴 문장 ".repeat(40), short, "중간 길이의 문장입니다"],
+    );
+    assert_eq!(alone.len(), 768);
+    let c = cosine(&alone, &batched[1]);
+    assert!(c > 0.99999, "padding changed the vector: cosine {c}");
+    let diff: f32 = alone
+        .iter()
+        .zip(&batched[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-3, "max abs difference {diff}");
+}
