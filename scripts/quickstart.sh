@@ -61,4 +61,4 @@ $BIN search "$QUERY" --top-k 5 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     h = json.loads(line)
-    print(f"{h[\"score\"]:.3f}  {h[\"text\"]}")'
+    print("%.3f  %s" % (h["score"], h["text"]))'
