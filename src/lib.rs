@@ -3,6 +3,7 @@
 
 pub mod backfill;
 pub mod commands;
+pub mod devserver;
 pub mod embed;
 pub mod ids;
 pub mod metrics;

@@ -79,6 +79,14 @@ enum Command {
         #[arg(long)]
         input: PathBuf,
     },
+    /// A Qdrant-protocol (gRPC) test server backed by the embedded store, for tests and
+    /// demos where no Qdrant server is available. Not for production.
+    QdrantDevServer {
+        #[arg(long, default_value = "127.0.0.1:6334")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "qdrant-dev-store")]
+        path: PathBuf,
+    },
     /// Embed text lines (or JSON lines with a "text" field) from stdin; one JSON line out each.
     Embed(ModelArgs),
     /// Spearman/Pearson of cosine similarity against gold scores (KLUE-STS .json, KorSTS .tsv).
@@ -217,6 +225,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("produced={n} topic={topic}");
             Ok(())
         }
+        Command::QdrantDevServer { listen, path } => {
+            init_logs(LogFormat::Human);
+            runtime()?.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                tracing::info!(addr = %listener.local_addr()?, path = %path.display(), "qdrant test server listening");
+                streambed::devserver::DevServer::new(path)
+                    .serve(listener, shutdown_signal())
+                    .await
+            })
+        }
         other => {
             init_logs(LogFormat::Human);
             match other {
@@ -250,7 +268,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Command::Run(_)
                 | Command::Backfill { .. }
                 | Command::Search { .. }
-                | Command::Produce { .. } => {
+                | Command::Produce { .. }
+                | Command::QdrantDevServer { .. } => {
                     unreachable!("handled above")
                 }
             }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use qdrant_client::qdrant::{
-    vectors_config, vectors_output, CountPointsBuilder, CreateCollectionBuilder,
+    vector_output, vectors_config, vectors_output, CountPointsBuilder, CreateCollectionBuilder,
     DeletePointsBuilder, Distance, GetPointsBuilder, PointId, PointStruct, PointsIdsList,
     SearchPointsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
 };
@@ -180,7 +180,12 @@ impl Sink for QdrantSink {
             .map(|p| {
                 #[allow(deprecated)]
                 let vector = p.vectors.and_then(|v| match v.vectors_options {
-                    Some(vectors_output::VectorsOptions::Vector(v)) => Some(v.data),
+                    Some(vectors_output::VectorsOptions::Vector(v)) => match v.vector {
+                        Some(vector_output::Vector::Dense(d)) => Some(d.data),
+                        // Servers before 1.13 fill only the deprecated field.
+                        None => Some(v.data),
+                        _ => None,
+                    },
                     _ => None,
                 });
                 Hit {

@@ -396,17 +396,7 @@ impl Drop for Worker {
 
 /// Opens an embedded store (the worker must have stopped) and reads every point.
 pub fn read_store(path: &Path, dim: usize) -> HashMap<String, streambed::sink::Hit> {
-    use streambed::sink::embedded::EmbeddedSink;
-    use streambed::sink::Sink;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let sink = EmbeddedSink::open(path.join("streambed"));
-        sink.ensure_collection(dim).await.unwrap();
-        sink.scroll_all().await.unwrap()
-    })
-    .into_iter()
-    .map(|h| (h.id.clone(), h))
-    .collect()
+    read_store_at(&path.join("streambed"), dim)
 }
 
 /// KorSTS sentences, distinct, in file order.
@@ -416,4 +406,97 @@ pub fn korean_sentences(n: usize) -> Vec<String> {
     assert!(s.len() >= n, "only {} sentences", s.len());
     s.truncate(n);
     s
+}
+
+/// The Qdrant endpoint for tests: a real Qdrant when `QDRANT_URL` is set (gRPC URL),
+/// else streambed's Qdrant-protocol test server as a child process (restartable).
+pub struct QdrantUnderTest {
+    pub url: String,
+    pub real: bool,
+    server: Option<Worker>,
+    listen: String,
+    path: PathBuf,
+}
+
+impl QdrantUnderTest {
+    pub fn start(dir: &Path) -> Self {
+        if let Ok(url) = std::env::var("QDRANT_URL") {
+            return Self {
+                url,
+                real: true,
+                server: None,
+                listen: String::new(),
+                path: PathBuf::new(),
+            };
+        }
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut q = Self {
+            url: format!("http://{listen}"),
+            real: false,
+            server: None,
+            listen,
+            path: dir.join("qdrant"),
+        };
+        q.up();
+        q
+    }
+
+    /// (Re)starts the test server on the same port and data folder.
+    pub fn up(&mut self) {
+        assert!(!self.real, "a real Qdrant is not restarted by tests");
+        let log = self
+            .path
+            .with_extension(format!("{}.log", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&self.path).unwrap();
+        let w = Worker::spawn(
+            &[
+                "qdrant-dev-server",
+                "--listen",
+                &self.listen,
+                "--path",
+                self.path.to_str().unwrap(),
+            ],
+            &[],
+            &log,
+        );
+        let addr = self.listen.clone();
+        wait_until(
+            "the Qdrant test server to listen",
+            Duration::from_secs(20),
+            || std::net::TcpStream::connect(&addr).is_ok(),
+        );
+        self.server = Some(w);
+    }
+
+    /// Kills the test server (an outage: connections refused).
+    pub fn down(&mut self) {
+        if let Some(mut w) = self.server.take() {
+            w.kill9();
+        }
+    }
+
+    /// Reads every point of a collection straight from the test server's folder
+    /// (stop it first).
+    pub fn read_collection(
+        &self,
+        collection: &str,
+        dim: usize,
+    ) -> HashMap<String, streambed::sink::Hit> {
+        read_store_at(&self.path.join(collection).join("shard"), dim)
+    }
+}
+
+/// Reads every point of an embedded shard folder (no process may hold it).
+pub fn read_store_at(shard: &Path, dim: usize) -> HashMap<String, streambed::sink::Hit> {
+    use streambed::sink::embedded::EmbeddedSink;
+    use streambed::sink::Sink;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let sink = EmbeddedSink::open(shard.to_path_buf());
+        sink.ensure_collection(dim).await.unwrap();
+        sink.scroll_all().await.unwrap()
+    })
+    .into_iter()
+    .map(|h| (h.id.clone(), h))
+    .collect()
 }

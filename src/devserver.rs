@@ -1,0 +1,677 @@
+//! A Qdrant-protocol test server: qdrant-client's generated gRPC server traits, backed by
+//! the embedded store (qdrant-edge, one shard per collection, on disk). It lets tests and
+//! demos exercise the real Qdrant client over real gRPC where no Qdrant server can be
+//! installed. It covers what streambed uses (health check; collection create, exists,
+//! info, list, delete; point upsert, delete by id, get, search, count) for UUID ids and
+//! one unnamed cosine vector. Not for production: use Qdrant itself.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use qdrant_client::qdrant::collections_server::{Collections, CollectionsServer};
+use qdrant_client::qdrant::points_selector::PointsSelectorOneOf;
+use qdrant_client::qdrant::points_server::{Points, PointsServer};
+use qdrant_client::qdrant::qdrant_server::{Qdrant, QdrantServer};
+use qdrant_client::qdrant::{self as pb, vectors_config, Distance};
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::sink::embedded::EmbeddedSink;
+use crate::sink::{Point, Sink, SinkError};
+
+struct Collection {
+    sink: EmbeddedSink,
+    dim: usize,
+}
+
+#[derive(Clone)]
+pub struct DevServer {
+    root: PathBuf,
+    collections: Arc<Mutex<HashMap<String, Arc<Collection>>>>,
+}
+
+fn status(e: SinkError) -> Status {
+    match e {
+        SinkError::Transient(m) => Status::unavailable(m),
+        SinkError::Permanent(m) => Status::invalid_argument(m),
+    }
+}
+
+fn unsupported(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} is not supported by the streambed test server"
+    ))
+}
+
+fn uuid_of(id: &pb::PointId) -> Result<Uuid, Status> {
+    use pb::point_id::PointIdOptions;
+    match &id.point_id_options {
+        Some(PointIdOptions::Uuid(u)) => {
+            Uuid::parse_str(u).map_err(|e| Status::invalid_argument(format!("bad uuid: {e}")))
+        }
+        _ => Err(Status::invalid_argument(
+            "this test server stores UUID point ids only",
+        )),
+    }
+}
+
+#[allow(deprecated)]
+fn dense_of(v: Option<pb::Vectors>) -> Result<Vec<f32>, Status> {
+    use pb::vectors::VectorsOptions;
+    match v.and_then(|v| v.vectors_options) {
+        Some(VectorsOptions::Vector(v)) => match v.vector {
+            Some(pb::vector::Vector::Dense(d)) => Ok(d.data),
+            None if !v.data.is_empty() => Ok(v.data),
+            _ => Err(Status::invalid_argument("only dense vectors are supported")),
+        },
+        _ => Err(Status::invalid_argument(
+            "only one unnamed dense vector is supported",
+        )),
+    }
+}
+
+#[allow(deprecated)]
+fn vector_output(v: Vec<f32>) -> pb::VectorsOutput {
+    pb::VectorsOutput {
+        vectors_options: Some(pb::vectors_output::VectorsOptions::Vector(
+            pb::VectorOutput {
+                data: v.clone(),
+                vector: Some(pb::vector_output::Vector::Dense(pb::DenseVector {
+                    data: v,
+                })),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn payload_grpc(p: serde_json::Map<String, serde_json::Value>) -> HashMap<String, pb::Value> {
+    qdrant_client::Payload::from(p).into()
+}
+
+fn elapsed(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+impl DevServer {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            collections: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Opens a collection created earlier (its folder holds the shard).
+    async fn open(&self, name: &str) -> Result<Option<Arc<Collection>>, Status> {
+        if name.is_empty() || name.contains(['/', '\\', '.']) {
+            return Err(Status::invalid_argument("bad collection name"));
+        }
+        let mut map = self.collections.lock().await;
+        if let Some(c) = map.get(name) {
+            return Ok(Some(c.clone()));
+        }
+        let dir = self.root.join(name);
+        let Ok(text) = std::fs::read_to_string(dir.join("dim")) else {
+            return Ok(None);
+        };
+        let dim: usize = text
+            .trim()
+            .parse()
+            .map_err(|_| Status::internal("bad dim file"))?;
+        let sink = EmbeddedSink::open(dir.join("shard"));
+        sink.ensure_collection(dim).await.map_err(status)?;
+        let c = Arc::new(Collection { sink, dim });
+        map.insert(name.to_string(), c.clone());
+        Ok(Some(c))
+    }
+
+    async fn must(&self, name: &str) -> Result<Arc<Collection>, Status> {
+        self.open(name)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("Collection `{name}` doesn't exist!")))
+    }
+
+    /// Serves on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let incoming = tokio_stream_listener(listener);
+        tonic::transport::Server::builder()
+            .add_service(QdrantServer::new(self.clone()))
+            .add_service(CollectionsServer::new(self.clone()))
+            .add_service(PointsServer::new(self))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
+        Ok(())
+    }
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}
+
+#[tonic::async_trait]
+impl Qdrant for DevServer {
+    async fn health_check(
+        &self,
+        _: Request<pb::HealthCheckRequest>,
+    ) -> Result<Response<pb::HealthCheckReply>, Status> {
+        Ok(Response::new(pb::HealthCheckReply {
+            title: "streambed qdrant test server".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            commit: None,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Collections for DevServer {
+    async fn get(
+        &self,
+        r: Request<pb::GetCollectionInfoRequest>,
+    ) -> Result<Response<pb::GetCollectionInfoResponse>, Status> {
+        let t = Instant::now();
+        let c = self.must(&r.get_ref().collection_name).await?;
+        let points = c.sink.count().await.map_err(status)? as u64;
+        let params = pb::CollectionParams {
+            shard_number: 1,
+            vectors_config: Some(pb::VectorsConfig {
+                config: Some(vectors_config::Config::Params(pb::VectorParams {
+                    size: c.dim as u64,
+                    distance: Distance::Cosine as i32,
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        };
+        Ok(Response::new(pb::GetCollectionInfoResponse {
+            result: Some(pb::CollectionInfo {
+                status: pb::CollectionStatus::Green as i32,
+                segments_count: 1,
+                config: Some(pb::CollectionConfig {
+                    params: Some(params),
+                    ..Default::default()
+                }),
+                points_count: Some(points),
+                ..Default::default()
+            }),
+            time: elapsed(t),
+        }))
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListCollectionsRequest>,
+    ) -> Result<Response<pb::ListCollectionsResponse>, Status> {
+        let t = Instant::now();
+        let mut collections = Vec::new();
+        if let Ok(dir) = std::fs::read_dir(&self.root) {
+            for e in dir.flatten() {
+                if e.path().join("dim").exists() {
+                    collections.push(pb::CollectionDescription {
+                        name: e.file_name().to_string_lossy().into_owned(),
+                    });
+                }
+            }
+        }
+        Ok(Response::new(pb::ListCollectionsResponse {
+            collections,
+            time: elapsed(t),
+        }))
+    }
+
+    async fn create(
+        &self,
+        r: Request<pb::CreateCollection>,
+    ) -> Result<Response<pb::CollectionOperationResponse>, Status> {
+        let t = Instant::now();
+        let req = r.into_inner();
+        if self.open(&req.collection_name).await?.is_some() {
+            return Err(Status::already_exists(format!(
+                "Collection `{}` already exists!",
+                req.collection_name
+            )));
+        }
+        let params = match req.vectors_config.and_then(|v| v.config) {
+            Some(vectors_config::Config::Params(p)) => p,
+            _ => return Err(unsupported("named vectors")),
+        };
+        if params.distance != Distance::Cosine as i32 {
+            return Err(unsupported("a distance other than cosine"));
+        }
+        let dir = self.root.join(&req.collection_name);
+        std::fs::create_dir_all(&dir).map_err(|e| Status::internal(e.to_string()))?;
+        std::fs::write(dir.join("dim"), params.size.to_string())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.must(&req.collection_name).await?;
+        Ok(Response::new(pb::CollectionOperationResponse {
+            result: true,
+            time: elapsed(t),
+        }))
+    }
+
+    async fn update(
+        &self,
+        _: Request<pb::UpdateCollection>,
+    ) -> Result<Response<pb::CollectionOperationResponse>, Status> {
+        Err(unsupported("update collection"))
+    }
+
+    async fn delete(
+        &self,
+        r: Request<pb::DeleteCollection>,
+    ) -> Result<Response<pb::CollectionOperationResponse>, Status> {
+        let t = Instant::now();
+        let name = r.into_inner().collection_name;
+        let existed = self.open(&name).await?.is_some();
+        self.collections.lock().await.remove(&name);
+        if existed {
+            std::fs::remove_dir_all(self.root.join(&name))
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        Ok(Response::new(pb::CollectionOperationResponse {
+            result: existed,
+            time: elapsed(t),
+        }))
+    }
+
+    async fn update_aliases(
+        &self,
+        _: Request<pb::ChangeAliases>,
+    ) -> Result<Response<pb::CollectionOperationResponse>, Status> {
+        Err(unsupported("aliases"))
+    }
+
+    async fn list_collection_aliases(
+        &self,
+        _: Request<pb::ListCollectionAliasesRequest>,
+    ) -> Result<Response<pb::ListAliasesResponse>, Status> {
+        Err(unsupported("aliases"))
+    }
+
+    async fn list_aliases(
+        &self,
+        _: Request<pb::ListAliasesRequest>,
+    ) -> Result<Response<pb::ListAliasesResponse>, Status> {
+        Err(unsupported("aliases"))
+    }
+
+    async fn collection_cluster_info(
+        &self,
+        _: Request<pb::CollectionClusterInfoRequest>,
+    ) -> Result<Response<pb::CollectionClusterInfoResponse>, Status> {
+        Err(unsupported("cluster info"))
+    }
+
+    async fn collection_exists(
+        &self,
+        r: Request<pb::CollectionExistsRequest>,
+    ) -> Result<Response<pb::CollectionExistsResponse>, Status> {
+        let t = Instant::now();
+        let exists = self.open(&r.get_ref().collection_name).await?.is_some();
+        Ok(Response::new(pb::CollectionExistsResponse {
+            result: Some(pb::CollectionExists { exists }),
+            time: elapsed(t),
+        }))
+    }
+
+    async fn update_collection_cluster_setup(
+        &self,
+        _: Request<pb::UpdateCollectionClusterSetupRequest>,
+    ) -> Result<Response<pb::UpdateCollectionClusterSetupResponse>, Status> {
+        Err(unsupported("cluster setup"))
+    }
+
+    async fn create_shard_key(
+        &self,
+        _: Request<pb::CreateShardKeyRequest>,
+    ) -> Result<Response<pb::CreateShardKeyResponse>, Status> {
+        Err(unsupported("shard keys"))
+    }
+
+    async fn delete_shard_key(
+        &self,
+        _: Request<pb::DeleteShardKeyRequest>,
+    ) -> Result<Response<pb::DeleteShardKeyResponse>, Status> {
+        Err(unsupported("shard keys"))
+    }
+
+    async fn list_shard_keys(
+        &self,
+        _: Request<pb::ListShardKeysRequest>,
+    ) -> Result<Response<pb::ListShardKeysResponse>, Status> {
+        Err(unsupported("shard keys"))
+    }
+}
+
+fn done(t: Instant) -> Response<pb::PointsOperationResponse> {
+    Response::new(pb::PointsOperationResponse {
+        result: Some(pb::UpdateResult {
+            operation_id: Some(0),
+            status: pb::UpdateStatus::Completed as i32,
+        }),
+        time: elapsed(t),
+        ..Default::default()
+    })
+}
+
+#[tonic::async_trait]
+impl Points for DevServer {
+    async fn upsert(
+        &self,
+        r: Request<pb::UpsertPoints>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        let t = Instant::now();
+        let req = r.into_inner();
+        let c = self.must(&req.collection_name).await?;
+        let mut points = Vec::with_capacity(req.points.len());
+        for p in req.points {
+            let id = uuid_of(
+                p.id.as_ref()
+                    .ok_or_else(|| Status::invalid_argument("point without id"))?,
+            )?;
+            let vector = dense_of(p.vectors)?;
+            if vector.len() != c.dim {
+                return Err(Status::invalid_argument(format!(
+                    "Wrong input: Vector dimension error: expected dim: {}, got {}",
+                    c.dim,
+                    vector.len()
+                )));
+            }
+            let payload = qdrant_client::Payload::from(p.payload).into();
+            points.push(Point {
+                id,
+                vector,
+                payload,
+            });
+        }
+        // The embedded store flushes every write, which is what wait=true promises.
+        c.sink.write(points, Vec::new()).await.map_err(status)?;
+        Ok(done(t))
+    }
+
+    async fn delete(
+        &self,
+        r: Request<pb::DeletePoints>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        let t = Instant::now();
+        let req = r.into_inner();
+        let c = self.must(&req.collection_name).await?;
+        let ids = match req.points.and_then(|p| p.points_selector_one_of) {
+            Some(PointsSelectorOneOf::Points(list)) => list
+                .ids
+                .iter()
+                .map(uuid_of)
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => return Err(unsupported("delete by filter")),
+        };
+        c.sink.write(Vec::new(), ids).await.map_err(status)?;
+        Ok(done(t))
+    }
+
+    async fn get(&self, r: Request<pb::GetPoints>) -> Result<Response<pb::GetResponse>, Status> {
+        let t = Instant::now();
+        let req = r.into_inner();
+        let c = self.must(&req.collection_name).await?;
+        let ids = req.ids.iter().map(uuid_of).collect::<Result<Vec<_>, _>>()?;
+        let with_vectors = req.with_vectors.is_some_and(|w| {
+            matches!(
+                w.selector_options,
+                Some(pb::with_vectors_selector::SelectorOptions::Enable(true))
+            )
+        });
+        let hits = c.sink.retrieve(ids).await.map_err(status)?;
+        let result = hits
+            .into_iter()
+            .map(|h| pb::RetrievedPoint {
+                id: Some(pb::PointId::from(h.id)),
+                payload: payload_grpc(h.payload),
+                vectors: if with_vectors {
+                    h.vector.map(vector_output)
+                } else {
+                    None
+                },
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::GetResponse {
+            result,
+            time: elapsed(t),
+            ..Default::default()
+        }))
+    }
+
+    async fn search(
+        &self,
+        r: Request<pb::SearchPoints>,
+    ) -> Result<Response<pb::SearchResponse>, Status> {
+        let t = Instant::now();
+        let req = r.into_inner();
+        let c = self.must(&req.collection_name).await?;
+        if req.filter.is_some() || req.vector_name.is_some() {
+            return Err(unsupported("filters and named vectors"));
+        }
+        let hits = c
+            .sink
+            .search(req.vector, req.limit as usize)
+            .await
+            .map_err(status)?;
+        let result = hits
+            .into_iter()
+            .map(|h| pb::ScoredPoint {
+                id: Some(pb::PointId::from(h.id)),
+                payload: payload_grpc(h.payload),
+                score: h.score,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::SearchResponse {
+            result,
+            time: elapsed(t),
+            ..Default::default()
+        }))
+    }
+
+    async fn count(
+        &self,
+        r: Request<pb::CountPoints>,
+    ) -> Result<Response<pb::CountResponse>, Status> {
+        let t = Instant::now();
+        let req = r.into_inner();
+        if req.filter.is_some() {
+            return Err(unsupported("count with a filter"));
+        }
+        let c = self.must(&req.collection_name).await?;
+        let count = c.sink.count().await.map_err(status)? as u64;
+        Ok(Response::new(pb::CountResponse {
+            result: Some(pb::CountResult { count }),
+            time: elapsed(t),
+            ..Default::default()
+        }))
+    }
+
+    async fn update_vectors(
+        &self,
+        _: Request<pb::UpdatePointVectors>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("update_vectors"))
+    }
+
+    async fn delete_vectors(
+        &self,
+        _: Request<pb::DeletePointVectors>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("delete_vectors"))
+    }
+
+    async fn set_payload(
+        &self,
+        _: Request<pb::SetPayloadPoints>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("set_payload"))
+    }
+
+    async fn overwrite_payload(
+        &self,
+        _: Request<pb::SetPayloadPoints>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("overwrite_payload"))
+    }
+
+    async fn delete_payload(
+        &self,
+        _: Request<pb::DeletePayloadPoints>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("delete_payload"))
+    }
+
+    async fn clear_payload(
+        &self,
+        _: Request<pb::ClearPayloadPoints>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("clear_payload"))
+    }
+
+    async fn create_field_index(
+        &self,
+        _: Request<pb::CreateFieldIndexCollection>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("create_field_index"))
+    }
+
+    async fn delete_field_index(
+        &self,
+        _: Request<pb::DeleteFieldIndexCollection>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("delete_field_index"))
+    }
+
+    async fn create_vector_name(
+        &self,
+        _: Request<pb::CreateVectorNameRequest>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("create_vector_name"))
+    }
+
+    async fn delete_vector_name(
+        &self,
+        _: Request<pb::DeleteVectorNameRequest>,
+    ) -> Result<Response<pb::PointsOperationResponse>, Status> {
+        Err(unsupported("delete_vector_name"))
+    }
+
+    async fn search_batch(
+        &self,
+        _: Request<pb::SearchBatchPoints>,
+    ) -> Result<Response<pb::SearchBatchResponse>, Status> {
+        Err(unsupported("search_batch"))
+    }
+
+    async fn search_groups(
+        &self,
+        _: Request<pb::SearchPointGroups>,
+    ) -> Result<Response<pb::SearchGroupsResponse>, Status> {
+        Err(unsupported("search_groups"))
+    }
+
+    async fn scroll(
+        &self,
+        _: Request<pb::ScrollPoints>,
+    ) -> Result<Response<pb::ScrollResponse>, Status> {
+        Err(unsupported("scroll"))
+    }
+
+    async fn recommend(
+        &self,
+        _: Request<pb::RecommendPoints>,
+    ) -> Result<Response<pb::RecommendResponse>, Status> {
+        Err(unsupported("recommend"))
+    }
+
+    async fn recommend_batch(
+        &self,
+        _: Request<pb::RecommendBatchPoints>,
+    ) -> Result<Response<pb::RecommendBatchResponse>, Status> {
+        Err(unsupported("recommend_batch"))
+    }
+
+    async fn recommend_groups(
+        &self,
+        _: Request<pb::RecommendPointGroups>,
+    ) -> Result<Response<pb::RecommendGroupsResponse>, Status> {
+        Err(unsupported("recommend_groups"))
+    }
+
+    async fn discover(
+        &self,
+        _: Request<pb::DiscoverPoints>,
+    ) -> Result<Response<pb::DiscoverResponse>, Status> {
+        Err(unsupported("discover"))
+    }
+
+    async fn discover_batch(
+        &self,
+        _: Request<pb::DiscoverBatchPoints>,
+    ) -> Result<Response<pb::DiscoverBatchResponse>, Status> {
+        Err(unsupported("discover_batch"))
+    }
+
+    async fn update_batch(
+        &self,
+        _: Request<pb::UpdateBatchPoints>,
+    ) -> Result<Response<pb::UpdateBatchResponse>, Status> {
+        Err(unsupported("update_batch"))
+    }
+
+    async fn query(
+        &self,
+        _: Request<pb::QueryPoints>,
+    ) -> Result<Response<pb::QueryResponse>, Status> {
+        Err(unsupported("query"))
+    }
+
+    async fn query_batch(
+        &self,
+        _: Request<pb::QueryBatchPoints>,
+    ) -> Result<Response<pb::QueryBatchResponse>, Status> {
+        Err(unsupported("query_batch"))
+    }
+
+    async fn query_groups(
+        &self,
+        _: Request<pb::QueryPointGroups>,
+    ) -> Result<Response<pb::QueryGroupsResponse>, Status> {
+        Err(unsupported("query_groups"))
+    }
+
+    async fn facet(
+        &self,
+        _: Request<pb::FacetCounts>,
+    ) -> Result<Response<pb::FacetResponse>, Status> {
+        Err(unsupported("facet"))
+    }
+
+    async fn search_matrix_pairs(
+        &self,
+        _: Request<pb::SearchMatrixPoints>,
+    ) -> Result<Response<pb::SearchMatrixPairsResponse>, Status> {
+        Err(unsupported("search_matrix_pairs"))
+    }
+
+    async fn search_matrix_offsets(
+        &self,
+        _: Request<pb::SearchMatrixPoints>,
+    ) -> Result<Response<pb::SearchMatrixOffsetsResponse>, Status> {
+        Err(unsupported("search_matrix_offsets"))
+    }
+}
