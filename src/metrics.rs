@@ -44,6 +44,8 @@ pub struct Metrics {
     pub model_info: GaugeVec,
     pub build_info: GaugeVec,
     pub ready: Arc<Readiness>,
+    /// Exact end-to-end latencies, kept only when a benchmark sets this to `Some`.
+    pub latency_samples: Arc<std::sync::Mutex<Option<Vec<f64>>>>,
 }
 
 /// What `/readyz` checks. Each flag is set by the part that knows.
@@ -178,6 +180,7 @@ impl Metrics {
             )
             .expect("metric")),
             ready: Arc::new(Readiness::default()),
+            latency_samples: Arc::new(std::sync::Mutex::new(None)),
             registry,
         };
         m.build_info

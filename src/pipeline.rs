@@ -426,11 +426,15 @@ async fn writer<S: Sink>(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
+        let mut samples = metrics.latency_samples.lock().expect("samples");
         for ts in stamps {
-            metrics
-                .end_to_end_seconds
-                .observe(((now_ms - ts).max(0)) as f64 / 1000.0);
+            let seconds = ((now_ms - ts).max(0)) as f64 / 1000.0;
+            metrics.end_to_end_seconds.observe(seconds);
+            if let Some(s) = samples.as_mut() {
+                s.push(seconds);
+            }
         }
+        drop(samples);
         completion.done(&origins);
     }
 }

@@ -122,7 +122,15 @@ pub async fn serve_metrics(
 }
 
 pub async fn run(s: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
+    run_with_metrics(s, Metrics::new(), shutdown).await
+}
+
+/// [`run`] with the caller's metrics, so a benchmark can watch the counters in process.
+pub async fn run_with_metrics(
+    s: Settings,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     serve_metrics(&s, &metrics, stop_rx.clone()).await?;
     tokio::pin!(shutdown);

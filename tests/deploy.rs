@@ -12,7 +12,9 @@ fn exported() -> HashSet<String> {
     m.stage_seconds.with_label_values(&["embed"]).observe(0.1);
     m.consumer_lag.with_label_values(&["t", "0"]).set(1);
     m.committed_offset.with_label_values(&["t", "0"]).set(1);
-    m.model_info.with_label_values(&["m", "384", "cpu", "f32"]).set(1.0);
+    m.model_info
+        .with_label_values(&["m", "384", "cpu", "f32"])
+        .set(1.0);
     let mut names = HashSet::new();
     for line in m.render().lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -51,7 +53,8 @@ fn read(path: &str) -> String {
 #[test]
 fn dashboard_uses_only_exported_metrics() {
     let exported = exported();
-    let dash: serde_json::Value = serde_json::from_str(&read("deploy/grafana/dashboards/streambed.json")).unwrap();
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/dashboards/streambed.json")).unwrap();
     let mut exprs = String::new();
     for p in dash["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().unwrap() {
@@ -60,10 +63,20 @@ fn dashboard_uses_only_exported_metrics() {
         }
     }
     let used = referenced(&exprs);
-    assert!(used.len() >= 10, "the dashboard shows the worker's metrics: {used:?}");
+    assert!(
+        used.len() >= 10,
+        "the dashboard shows the worker's metrics: {used:?}"
+    );
     let missing: Vec<_> = used.difference(&exported).collect();
-    assert!(missing.is_empty(), "dashboard refers to metrics that are not exported: {missing:?}");
-    for must in ["streambed_consumer_lag_messages", "streambed_end_to_end_latency_seconds_bucket", "streambed_messages_dead_lettered_total"] {
+    assert!(
+        missing.is_empty(),
+        "dashboard refers to metrics that are not exported: {missing:?}"
+    );
+    for must in [
+        "streambed_consumer_lag_messages",
+        "streambed_end_to_end_latency_seconds_bucket",
+        "streambed_messages_dead_lettered_total",
+    ] {
         assert!(used.contains(must), "dashboard lacks {must}");
     }
 }
@@ -73,7 +86,10 @@ fn alert_rules_use_only_exported_metrics() {
     let exported = exported();
     let used = referenced(&read("deploy/prometheus/alerts.yml"));
     let missing: Vec<_> = used.difference(&exported).collect();
-    assert!(missing.is_empty(), "alerts refer to metrics that are not exported: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "alerts refer to metrics that are not exported: {missing:?}"
+    );
 }
 
 #[test]
@@ -81,9 +97,22 @@ fn names_follow_prometheus_conventions() {
     for name in exported() {
         assert!(name.starts_with("streambed_"), "{name}");
         let counter_like = name.ends_with("_total");
-        let unit = ["_seconds", "_bytes", "_messages", "_info", "_size", "_tokens", "_offset"]
-            .iter()
-            .any(|u| name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count").ends_with(u));
+        let unit = [
+            "_seconds",
+            "_bytes",
+            "_messages",
+            "_info",
+            "_size",
+            "_tokens",
+            "_offset",
+        ]
+        .iter()
+        .any(|u| {
+            name.trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count")
+                .ends_with(u)
+        });
         assert!(counter_like || unit, "{name} has no unit suffix");
     }
 }

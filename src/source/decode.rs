@@ -276,4 +276,60 @@ mod tests {
         let big = vec![b'a'; c.max_message_bytes + 1];
         assert_eq!(reason(decode(&rec(None, Some(&big)), &c)), "too_large");
     }
+
+    /// Bounded random inputs (seeded): decoding never panics, every rejection has a
+    /// reason, and ids are stable. A stable-toolchain stand-in for a cargo-fuzz run.
+    #[test]
+    fn random_and_mutated_records_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let seeds: [&[u8]; 6] = [
+            r#"{"id": 1, "text": "안녕하세요"}"#.as_bytes(),
+            br#"{"text": "\ud800 lone surrogate"}"#,
+            "{\"text\": \"\u{301}\u{302}\"}".as_bytes(),
+            b"plain text \x00 with nul",
+            br#"{"id": {"nested": [1, 2, {"deep": true}]}, "text": ["not", "a", "string"]}"#,
+            b"{}",
+        ];
+        let c = MessageSettings {
+            metadata_fields: vec!["*".into()],
+            max_message_bytes: 4096,
+            ..cfg()
+        };
+        for i in 0..20_000 {
+            let mut bytes = seeds[i % seeds.len()].to_vec();
+            for _ in 0..rng.random_range(0..8) {
+                let op = rng.random_range(0..3);
+                let at = rng.random_range(0..=bytes.len());
+                match op {
+                    0 => bytes.insert(at, rng.random()),
+                    1 if !bytes.is_empty() => {
+                        bytes.remove(at.min(bytes.len() - 1));
+                    }
+                    _ => bytes
+                        .splice(at..at, std::iter::repeat_n(b'[', rng.random_range(0..300)))
+                        .for_each(drop),
+                }
+            }
+            let key: Option<Vec<u8>> = rng
+                .random_bool(0.5)
+                .then(|| (0..rng.random_range(0..8)).map(|_| rng.random()).collect());
+            let payload = rng.random_bool(0.95).then_some(bytes.as_slice());
+            let r = rec(key.as_deref(), payload);
+            match decode(&r, &c) {
+                Decoded::Reject(rej) => assert!(!rej.reason.is_empty()),
+                Decoded::Upsert { id, text, .. } => {
+                    assert!(!text.chars().all(|ch| ch.is_whitespace() || ch.is_control()));
+                    let again = decode(&r, &c);
+                    assert!(
+                        matches!(again, Decoded::Upsert { id: i2, .. } if i2 == id),
+                        "ids are stable"
+                    );
+                }
+                Decoded::Delete { id } => {
+                    assert_eq!(Some(id), key.as_deref().map(ids::from_entity))
+                }
+            }
+        }
+    }
 }

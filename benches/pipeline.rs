@@ -1,0 +1,246 @@
+//! Pipeline benchmark (a program, not a test): Korean messages through the real broker,
+//! the worker and the embedded store, side by side with the encoder alone on the same
+//! sentences, in one run.
+//!
+//!   cargo bench --bench pipeline -- [--messages 5000] [--latency-seconds 20]
+//!                                   [--backlog 200000 --backlog-seconds 60]
+//!
+//! Prints, one line each:
+//!   encoder   sent/s of `streambed bench` on the same sentences (stream order, batch 32)
+//!   pipeline  sustained sent/s from the first consumed message to the last confirmed
+//!             upsert, with a backlog of --messages
+//!   latency   p50/p95/p99 end-to-end (producer timestamp to confirmed upsert) at an
+//!             offered load of half the sustained rate
+//!   backlog   peak RSS of a worker process facing a --backlog message backlog
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use streambed::metrics::Metrics;
+use streambed::settings::Settings;
+use streambed::util::quantile;
+use support::*;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn messages(n: usize, tag: &str) -> Vec<Msg> {
+    let base = korean_sentences(5000);
+    (0..n)
+        .map(|i| {
+            let id = format!("{tag}-{i}");
+            let text = &base[i % base.len()];
+            let v = serde_json::json!({"id": id, "text": text});
+            (Some(id.into_bytes()), Some(v.to_string().into_bytes()))
+        })
+        .collect()
+}
+
+fn settings(broker: &Broker, topic: &str, store: &std::path::Path) -> Settings {
+    let env = worker_env(broker, topic, &unique("bench"), store)
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "STREAMBED__METRICS__ADDR" {
+                (k, String::new())
+            } else {
+                (k, v)
+            }
+        });
+    Settings::load_from(None, env).expect("bench settings")
+}
+
+fn main() {
+    let n = arg("--messages", 5000) as usize;
+    let latency_seconds = arg("--latency-seconds", 20);
+    let backlog = arg("--backlog", 0) as usize;
+    let backlog_seconds = arg("--backlog-seconds", 60);
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let msgs = messages(n, "bench");
+
+    // 1. Encoder alone, same sentences, the order a stream delivers them.
+    {
+        let m = streambed::embed::load_model(
+            e5_model().to_str().unwrap(),
+            "passage: ",
+            &Default::default(),
+        )
+        .unwrap();
+        let texts: Vec<String> = korean_sentences(5000)
+            .into_iter()
+            .cycle()
+            .take(n.min(5000))
+            .collect();
+        for (label, sorted) in [("stream", false), ("length-sorted", true)] {
+            let r = streambed::commands::bench_encoder(&m, &texts, 32, sorted).unwrap();
+            println!(
+                "encoder order={label} sent_per_s={:.1} tok_per_s={:.0} p50_batch_ms={:.1} sentences={}",
+                r.sent_per_s, r.tok_per_s, r.p50_batch_ms, r.sentences
+            );
+        }
+    }
+
+    // 2. Sustained pipeline throughput over a backlog.
+    let topic = unique("bench");
+    broker.create_topic(&topic, 3);
+    broker.produce(&topic, &msgs);
+    let s = settings(&broker, &topic, dir.path());
+    let metrics = Metrics::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = rt.spawn(streambed::run::run_with_metrics(
+        s,
+        metrics.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut first = None;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while metrics.upserted.get() < n as u64 {
+        if first.is_none() && metrics.consumed.get() > 0 {
+            first = Some(Instant::now());
+        }
+        assert!(Instant::now() < deadline, "pipeline did not finish");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let sustained = n as f64 / first.unwrap().elapsed().as_secs_f64();
+    println!("pipeline messages={n} sustained_sent_per_s={sustained:.1}");
+
+    // 3. Latency at half capacity.
+    *metrics.latency_samples.lock().unwrap() = Some(Vec::new());
+    let rate = sustained / 2.0;
+    let total = (rate * latency_seconds as f64) as usize;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let paced = messages(total, "paced");
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut pending = Vec::new();
+        for (i, (k, v)) in paced.iter().enumerate() {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            let rec = FutureRecord::to(&topic)
+                .key(k.as_deref().unwrap())
+                .payload(v.as_deref().unwrap());
+            pending.push(producer.send(rec, Duration::from_secs(10)));
+        }
+        for p in pending {
+            p.await.map_err(|(e, _)| e).unwrap();
+        }
+    });
+    while metrics.upserted.get() < (n + total) as u64 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut lat = metrics.latency_samples.lock().unwrap().take().unwrap();
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "latency offered_per_s={rate:.1} messages={} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} peak_rss_mb={:.0}",
+        lat.len(),
+        quantile(&lat, 0.5) * 1000.0,
+        quantile(&lat, 0.95) * 1000.0,
+        quantile(&lat, 0.99) * 1000.0,
+        streambed::util::peak_rss_mb()
+    );
+    let _ = stop_tx.send(());
+    rt.block_on(worker).unwrap().unwrap();
+
+    // 4. Memory under a large backlog, in a worker process of its own.
+    if backlog > 0 {
+        let topic = unique("backlog");
+        broker.create_topic(&topic, 3);
+        let t = Instant::now();
+        let big = messages(backlog, "backlog");
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &broker.addr)
+            .set("linger.ms", "20")
+            .create()
+            .unwrap();
+        rt.block_on(async {
+            let mut pending = std::collections::VecDeque::new();
+            for (k, v) in &big {
+                let rec = FutureRecord::to(&topic)
+                    .key(k.as_deref().unwrap())
+                    .payload(v.as_deref().unwrap());
+                pending.push_back(producer.send(rec, Duration::from_secs(60)));
+                if pending.len() > 5000 {
+                    pending
+                        .pop_front()
+                        .unwrap()
+                        .await
+                        .map_err(|(e, _)| e)
+                        .unwrap();
+                }
+            }
+            for p in pending {
+                p.await.map_err(|(e, _)| e).unwrap();
+            }
+        });
+        eprintln!("produced {backlog} in {:.0}s", t.elapsed().as_secs_f64());
+        let store = tempfile::tempdir().unwrap();
+        let env = worker_env(&broker, &topic, &unique("backlog"), store.path());
+        let mut w = Worker::spawn(&["run"], &env, &store.path().join("worker.log"));
+        let pid = w.pid();
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0f64;
+                let mut samples: HashMap<&str, f64> = HashMap::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                        for l in s.lines() {
+                            if let Some(v) = l.strip_prefix("VmHWM:") {
+                                let mb = v
+                                    .trim()
+                                    .trim_end_matches(" kB")
+                                    .trim()
+                                    .parse::<f64>()
+                                    .unwrap_or(0.0)
+                                    / 1024.0;
+                                peak = peak.max(mb);
+                                samples.insert("hwm", mb);
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                peak
+            })
+        };
+        std::thread::sleep(Duration::from_secs(backlog_seconds));
+        let processed = w.metric("streambed_points_upserted_total");
+        stop.store(true, Ordering::Relaxed);
+        let peak = peak.join().unwrap();
+        w.signal(libc::SIGTERM);
+        let _ = w.wait(Duration::from_secs(60));
+        let model_mb = std::fs::metadata(e5_model().join("model.safetensors"))
+            .unwrap()
+            .len() as f64
+            / 1048576.0;
+        println!(
+            "backlog messages={backlog} seconds={backlog_seconds} processed={processed:.0} peak_rss_mb={peak:.0} model_file_mb={model_mb:.0} over_model_mb={:.0}",
+            peak - model_mb
+        );
+    }
+}
