@@ -3,7 +3,7 @@
 //! written); the position to commit moves only over the contiguous prefix of completed
 //! offsets, so a crash can replay work but never skip it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 
 /// A topic partition.
 pub type Tp = (String, i32);
@@ -12,8 +12,10 @@ pub type Tp = (String, i32);
 struct Partition {
     /// Assignment generation; completions from an older generation are ignored.
     generation: u64,
-    /// Read but not yet committable, in offset order, with a done flag.
-    pending: VecDeque<(i64, bool)>,
+    /// Registered but not yet committable, with a done flag.
+    pending: BTreeMap<i64, bool>,
+    /// Everything below this was committable already (re-deliveries below it are ignored).
+    floor: i64,
 }
 
 #[derive(Debug, Default)]
@@ -35,7 +37,8 @@ impl OffsetTracker {
             tp.clone(),
             Partition {
                 generation,
-                pending: VecDeque::new(),
+                pending: BTreeMap::new(),
+                floor: i64::MIN,
             },
         );
         generation
@@ -50,15 +53,23 @@ impl OffsetTracker {
         self.parts.get(tp).map(|p| p.generation)
     }
 
-    /// Records that `offset` was read. Offsets of a partition must arrive increasing.
+    /// Records that `offset` entered the pipeline, tracking the partition if it is not
+    /// yet (files in a backfill).
     pub fn register(&mut self, tp: &Tp, offset: i64) -> u64 {
         if !self.parts.contains_key(tp) {
             self.assign(tp);
         }
-        let p = self.parts.get_mut(tp).expect("assigned above");
-        debug_assert!(p.pending.back().is_none_or(|(o, _)| *o < offset));
-        p.pending.push_back((offset, false));
-        p.generation
+        self.register_assigned(tp, offset).expect("assigned above")
+    }
+
+    /// As [`register`](Self::register), but only for an assigned partition: `None` means
+    /// the partition was revoked and the record must not enter the pipeline.
+    pub fn register_assigned(&mut self, tp: &Tp, offset: i64) -> Option<u64> {
+        let p = self.parts.get_mut(tp)?;
+        if offset >= p.floor {
+            p.pending.entry(offset).or_insert(false);
+        }
+        Some(p.generation)
     }
 
     /// Marks `offset` finished. Returns the offset to commit (the next one to read) when
@@ -68,12 +79,12 @@ impl OffsetTracker {
         if p.generation != generation {
             return None;
         }
-        let i = p.pending.binary_search_by_key(&offset, |(o, _)| *o).ok()?;
-        p.pending[i].1 = true;
+        *p.pending.get_mut(&offset)? = true;
         let mut next = None;
-        while let Some(&(o, true)) = p.pending.front() {
+        while let Some((&o, &true)) = p.pending.first_key_value() {
             next = Some(o + 1);
-            p.pending.pop_front();
+            p.floor = o + 1;
+            p.pending.pop_first();
         }
         next
     }
@@ -122,6 +133,27 @@ mod tests {
         t.register(&tp(), 5);
         assert_eq!(t.complete(&tp(), g1, 5), None);
         assert_eq!(t.complete(&tp(), g2, 5), Some(6));
+    }
+
+    #[test]
+    fn redeliveries_out_of_order_and_twice() {
+        let mut t = OffsetTracker::new();
+        let g = t.assign(&tp());
+        t.register(&tp(), 100);
+        // Re-fetched from the committed offset after a re-assignment: lower offsets follow.
+        for o in 97..=100 {
+            t.register(&tp(), o);
+        }
+        assert_eq!(t.in_flight(&tp()), 4);
+        assert_eq!(t.complete(&tp(), g, 100), None);
+        assert_eq!(t.complete(&tp(), g, 98), None);
+        assert_eq!(t.complete(&tp(), g, 97), Some(99));
+        assert_eq!(t.complete(&tp(), g, 99), Some(101));
+        // A re-delivery below the committed position is not tracked again.
+        t.register(&tp(), 99);
+        assert_eq!(t.in_flight(&tp()), 0);
+        assert_eq!(t.complete(&tp(), g, 99), None);
+        assert_eq!(t.register_assigned(&("other".into(), 0), 1), None);
     }
 
     #[test]

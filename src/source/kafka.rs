@@ -114,9 +114,17 @@ impl ConsumerContext for SourceContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let mut t = self.tracker.lock().expect("tracker lock");
-                for tp in tps(tpl) {
-                    t.assign(&tp);
+                {
+                    let mut t = self.tracker.lock().expect("tracker lock");
+                    for tp in tps(tpl) {
+                        t.assign(&tp);
+                    }
+                }
+                // librdkafka keeps a partition's pause flag across a revoke and a later
+                // re-assignment; a fresh assignment starts unpaused (the reader pauses
+                // again if the pipeline is still full).
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::debug!(error = %e, "resume on assign");
                 }
                 tracing::info!(partitions = ?tps(tpl), "partitions assigned");
             }
@@ -302,8 +310,10 @@ impl DeadLetters for KafkaDeadLetters {
 }
 
 /// Reads until `stop` turns true, then returns (dropping `input`, which drains the
-/// pipeline). When the pipeline is full for a moment, the assignment is paused while
-/// the consumer keeps serving the group (heartbeats, rebalances).
+/// pipeline). A record is registered with the offset tracker only once the pipeline has a
+/// slot for it, so a rebalance never waits for a record the reader still holds. When the
+/// pipeline is full, the assignment is paused while the consumer keeps serving the group
+/// (heartbeats, rebalances).
 pub async fn read_loop(
     consumer: Arc<KafkaConsumer>,
     tracker: Tracker,
@@ -326,7 +336,7 @@ pub async fn read_loop(
                 m = consumer.recv() => m,
             };
             match msg {
-                Ok(m) => to_item(&m, &tracker, &cfg, &metrics),
+                Ok(m) => to_item(&m, &cfg, &metrics),
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consumer error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -334,45 +344,76 @@ pub async fn read_loop(
                 }
             }
         };
-        let item = match input.try_send(item) {
-            Ok(()) => continue,
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
-            Err(mpsc::error::TrySendError::Full(item)) => item,
-        };
-        // Backpressure: pause fetching and wait for room, still polling the consumer.
-        let paused = consumer.assignment().ok();
-        if let Some(a) = &paused {
-            let _ = consumer.pause(a);
-        }
-        let permit = loop {
-            tokio::select! {
-                biased;
-                p = input.reserve() => break p,
-                _ = stop.changed() => return,
-                m = consumer.recv() => match m {
-                    // A partition assigned during the pause is not paused yet: hold its
-                    // record in order and pause it too.
-                    Ok(m) => {
-                        held.push_back(to_item(&m, &tracker, &cfg, &metrics));
-                        if let Ok(a) = consumer.assignment() {
-                            let _ = consumer.pause(&a);
-                        }
+        let (permit, paused) = match input.try_reserve() {
+            Ok(p) => (p, false),
+            Err(mpsc::error::TrySendError::Closed(())) => return,
+            Err(mpsc::error::TrySendError::Full(())) => {
+                // Backpressure: pause fetching and wait for room, still polling.
+                if let Ok(a) = consumer.assignment() {
+                    let _ = consumer.pause(&a);
+                }
+                tracing::debug!("pipeline full: assignment paused");
+                let permit = loop {
+                    tokio::select! {
+                        biased;
+                        p = input.reserve() => break p,
+                        _ = stop.changed() => return,
+                        m = consumer.recv() => match m {
+                            // A partition assigned during the pause is not paused: keep its
+                            // record in order and pause it too.
+                            Ok(m) => {
+                                held.push_back(to_item(&m, &cfg, &metrics));
+                                if let Ok(a) = consumer.assignment() {
+                                    let _ = consumer.pause(&a);
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "kafka consumer error while paused"),
+                        },
                     }
-                    Err(e) => tracing::warn!(error = %e, "kafka consumer error while paused"),
-                },
+                };
+                match permit {
+                    Ok(p) => (p, true),
+                    Err(_) => return,
+                }
             }
         };
-        match permit {
-            Ok(p) => p.send(item),
-            Err(_) => return,
-        }
-        if let Ok(a) = consumer.assignment() {
-            let _ = consumer.resume(&a);
+        admit(item, permit, &tracker, &metrics);
+        if paused {
+            if let Ok(a) = consumer.assignment() {
+                let _ = consumer.resume(&a);
+            }
+            tracing::debug!("assignment resumed");
         }
     }
 }
 
-fn to_item<M: Message>(m: &M, tracker: &Tracker, cfg: &MessageSettings, metrics: &Metrics) -> Item {
+/// Registers the record (now that it has a slot) and sends it; a record of a partition
+/// revoked meanwhile is dropped: its next owner reads it from the committed offset.
+fn admit(mut item: Item, permit: mpsc::Permit<'_, Item>, tracker: &Tracker, metrics: &Metrics) {
+    let Origin::Kafka {
+        topic,
+        partition,
+        offset,
+        generation,
+    } = &mut item.origin
+    else {
+        unreachable!("the Kafka source makes Kafka origins");
+    };
+    let mut t = tracker.lock().expect("tracker lock");
+    match t.register_assigned(&(topic.to_string(), *partition), *offset) {
+        Some(g) => {
+            *generation = g;
+            metrics.in_flight.set(t.total_in_flight() as i64);
+            drop(t);
+            permit.send(item);
+        }
+        None => {
+            tracing::debug!(topic = %topic, partition, offset, "record of a revoked partition dropped")
+        }
+    }
+}
+
+fn to_item<M: Message>(m: &M, cfg: &MessageSettings, metrics: &Metrics) -> Item {
     metrics.consumed.inc();
     let rec = Record {
         topic: m.topic(),
@@ -391,18 +432,12 @@ fn to_item<M: Message>(m: &M, tracker: &Tracker, cfg: &MessageSettings, metrics:
             value: m.payload().map(<[u8]>::to_vec),
         },
     };
-    let generation = {
-        let mut t = tracker.lock().expect("tracker lock");
-        let g = t.register(&(m.topic().to_string(), m.partition()), m.offset());
-        metrics.in_flight.set(t.total_in_flight() as i64);
-        g
-    };
     Item {
         origin: Origin::Kafka {
             topic: Arc::from(m.topic()),
             partition: m.partition(),
             offset: m.offset(),
-            generation,
+            generation: 0,
         },
         op,
         key: m.key().map(<[u8]>::to_vec),
