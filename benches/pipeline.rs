@@ -162,6 +162,16 @@ fn main() {
         quantile(&lat, 0.99) * 1000.0,
         streambed::util::peak_rss_mb()
     );
+    let mean = |h: &prometheus::Histogram| h.get_sample_sum() / h.get_sample_count().max(1) as f64;
+    let stage = |s: &str| mean(&metrics.stage_seconds.with_label_values(&[s])) * 1000.0;
+    println!(
+        "stages mean_batch_items={:.1} tokenize_ms={:.1} embed_ms={:.1} upsert_ms={:.1} batches={}",
+        mean(&metrics.batch_size),
+        stage("tokenize"),
+        stage("embed"),
+        stage("upsert"),
+        metrics.batches.get()
+    );
     let _ = stop_tx.send(());
     rt.block_on(worker).unwrap().unwrap();
 

@@ -122,6 +122,8 @@ impl Checkpoint {
 }
 
 struct FileCompletion {
+    /// Lines finished (written or dead-lettered) in this run.
+    finished: std::sync::atomic::AtomicU64,
     tracker: Mutex<OffsetTracker>,
     checkpoint: Mutex<Checkpoint>,
     last_save: Mutex<Instant>,
@@ -143,6 +145,8 @@ impl Completion for FileCompletion {
             }
         }
         self.progress.inc(origins.len() as u64);
+        self.finished
+            .fetch_add(origins.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut last = self.last_save.lock().expect("last save");
         if last.elapsed() > Duration::from_millis(500) {
             if let Err(e) = c.save() {
@@ -351,6 +355,9 @@ pub async fn backfill(
     let model = load_model(&s, &metrics, &s.model.prefix).await?;
     let sink = open_sink(&s, model.info.dim, &mut stop_rx.clone()).await?;
     let mut cp = Checkpoint::load(checkpoint)?;
+    let any_gz = files
+        .iter()
+        .any(|f| f.extension().is_some_and(|e| e == "gz"));
     let total: u64 = files
         .iter()
         .filter(|f| f.extension().is_none_or(|e| e != "gz"))
@@ -366,11 +373,25 @@ pub async fn backfill(
         })
         .sum();
     cp.dirty = false;
-    let progress = indicatif::ProgressBar::new(total);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} lines  {per_sec}  eta {eta}")
+    // Compressed files are not counted up front (that would read them twice): with any,
+    // the bar shows a count instead of a total.
+    let progress = if any_gz {
+        let p = indicatif::ProgressBar::new_spinner();
+        p.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} lines  {per_sec}")
+                .expect("template"),
+        );
+        p
+    } else {
+        let p = indicatif::ProgressBar::new(total);
+        p.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} lines  {per_sec}  eta {eta}",
+            )
             .expect("template"),
-    );
+        );
+        p
+    };
     let skips: Vec<u64> = files
         .iter()
         .map(|f| {
@@ -381,6 +402,7 @@ pub async fn backfill(
         })
         .collect();
     let completion = Arc::new(FileCompletion {
+        finished: Default::default(),
         tracker: Mutex::new(OffsetTracker::new()),
         checkpoint: Mutex::new(cp),
         last_save: Mutex::new(Instant::now()),
@@ -434,7 +456,9 @@ pub async fn backfill(
     progress.finish_and_clear();
     Ok(Summary {
         files: n_files,
-        lines: progress.position(),
+        lines: completion
+            .finished
+            .load(std::sync::atomic::Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
         complete: complete && drained,
     })

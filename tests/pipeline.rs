@@ -384,3 +384,68 @@ fn backfill_interrupted_and_resumed_is_complete_without_duplicates() {
     assert!(points.contains_key(&ids::from_entity(b"b-0").to_string()));
     assert!(points.contains_key(&ids::from_file_line(input.to_str().unwrap(), 1).to_string()));
 }
+
+/// A directory of CSV, gzip'd text and JSON lines goes through the same path; ids come
+/// from the id column or from file + line, payloads say where each point came from.
+#[test]
+fn backfill_reads_csv_gzip_text_and_jsonl_from_a_directory() {
+    use std::io::Write;
+    let _g = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("corpus");
+    std::fs::create_dir_all(input.join("nested")).unwrap();
+    std::fs::write(
+        input.join("a.csv"),
+        "id,text,lang\nc1,\"쉼표, 그리고 따옴표\"\"가 있는 문장\",ko\nc2,두 번째 문장,ko\n",
+    )
+    .unwrap();
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(input.join("nested/b.txt.gz")).unwrap(),
+        flate2::Compression::default(),
+    );
+    gz.write_all("첫 줄입니다\n둘째 줄 😀\n셋째 줄 mixed 東京\n".as_bytes())
+        .unwrap();
+    gz.finish().unwrap();
+    std::fs::write(
+        input.join("c.jsonl"),
+        "{\"id\": \"j1\", \"text\": \"제이슨 문장\"}\n",
+    )
+    .unwrap();
+    std::fs::write(input.join("ignored.parquet"), "not read").unwrap();
+    let env = vec![
+        (
+            "STREAMBED__MODEL__PATH".to_string(),
+            e5_model().to_string_lossy().into_owned(),
+        ),
+        (
+            "STREAMBED__EMBEDDED__PATH".to_string(),
+            dir.path().join("store").to_string_lossy().into_owned(),
+        ),
+        (
+            "STREAMBED__MESSAGE__METADATA_FIELDS".to_string(),
+            "lang".to_string(),
+        ),
+    ];
+    let mut w = Worker::spawn(
+        &["backfill", "--input", input.to_str().unwrap()],
+        &env,
+        &dir.path().join("b.log"),
+    );
+    assert_eq!(
+        w.wait(Duration::from_secs(120)),
+        Some(0),
+        "{}",
+        w.log_text()
+    );
+    assert!(w.log_text().contains("files=3 lines=6"), "{}", w.log_text());
+    let points = read_store(&dir.path().join("store"), DIM);
+    assert_eq!(points.len(), 6);
+    let c1 = &points[&ids::from_entity(b"c1").to_string()];
+    assert_eq!(c1.payload["text"], "쉼표, 그리고 따옴표\"가 있는 문장");
+    assert_eq!(c1.payload["lang"], "ko");
+    let gz_file = input.join("nested/b.txt.gz");
+    let line1 = &points[&ids::from_file_line(gz_file.to_str().unwrap(), 1).to_string()];
+    assert_eq!(line1.payload["text"], "둘째 줄 😀");
+    assert_eq!(line1.payload["line"], 1);
+    assert!(points.contains_key(&ids::from_entity(b"j1").to_string()));
+}
