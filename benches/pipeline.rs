@@ -165,12 +165,14 @@ fn main() {
     let mean = |h: &prometheus::Histogram| h.get_sample_sum() / h.get_sample_count().max(1) as f64;
     let stage = |s: &str| mean(&metrics.stage_seconds.with_label_values(&[s])) * 1000.0;
     println!(
-        "stages mean_batch_items={:.1} tokenize_ms={:.1} embed_ms={:.1} upsert_ms={:.1} batches={}",
+        "stages mean_batch_items={:.1} tokenize_ms={:.1} embed_ms={:.1} upsert_ms={:.1} batches={} consumed={} produced={}",
         mean(&metrics.batch_size),
         stage("tokenize"),
         stage("embed"),
         stage("upsert"),
-        metrics.batches.get()
+        metrics.batches.get(),
+        metrics.consumed.get(),
+        n + total
     );
     let _ = stop_tx.send(());
     rt.block_on(worker).unwrap().unwrap();

@@ -140,7 +140,8 @@ pub fn start<S: Sink>(
     completion: Arc<dyn Completion>,
     metrics: Metrics,
 ) -> Pipeline {
-    let (input, items_rx) = mpsc::channel::<Item>(cfg.max_items.max(1));
+    // Room for two batches, so the next batch is already waiting when one closes.
+    let (input, items_rx) = mpsc::channel::<Item>(2 * cfg.max_items.max(1));
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (emb_tx, emb_rx) = mpsc::channel::<Embedded>(1);
     let batcher = tokio::spawn(batcher(

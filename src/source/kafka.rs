@@ -26,6 +26,11 @@ use crate::settings::{is_secret_property, KafkaSettings, MessageSettings};
 
 pub type Tracker = Arc<Mutex<OffsetTracker>>;
 
+/// How long the pipeline may stay full before the assignment is paused. Short enough to
+/// keep the consumer polling (heartbeats are librdkafka's own; rebalances need polls),
+/// long enough that normal backpressure does not pause and resume fetching all the time.
+const PAUSE_AFTER: Duration = Duration::from_millis(1000);
+
 /// Header names on dead-letter records.
 pub const H_REASON: &str = "streambed.reason";
 pub const H_ERROR: &str = "streambed.error";
@@ -348,6 +353,18 @@ pub async fn read_loop(
             Ok(p) => (p, false),
             Err(mpsc::error::TrySendError::Closed(())) => return,
             Err(mpsc::error::TrySendError::Full(())) => {
+                // A full pipeline is the normal state under load: wait a moment first
+                // (librdkafka's own queue is bounded by queued.max.messages.kbytes), and
+                // pause only if it stays full, since every pause/resume restarts fetching.
+                if let Ok(r) = tokio::time::timeout(PAUSE_AFTER, input.reserve()).await {
+                    match r {
+                        Ok(p) => {
+                            admit(item, p, &tracker, &metrics);
+                            continue;
+                        }
+                        Err(_) => return,
+                    }
+                }
                 // Backpressure: pause fetching and wait for room, still polling.
                 if let Ok(a) = consumer.assignment() {
                     let _ = consumer.pause(&a);
