@@ -34,11 +34,12 @@ fn korean_messages(n: usize, prefix: &str) -> Vec<Msg> {
 #[test]
 fn streams_korean_text_into_the_store_with_dead_letters_and_tombstones() {
     let _g = heavy();
-    let broker = Broker::start();
-    let topic = unique("events");
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
-    broker.create_topic(&topic, 3);
+    let Scenario {
+        broker,
+        topic,
+        group,
+        dir,
+    } = Scenario::new(3);
 
     let mut msgs = korean_messages(1000, "ko");
     let long = "대한민국의수도는서울특별시이며인구는약천만명이다".repeat(120);
@@ -137,13 +138,7 @@ fn streams_korean_text_into_the_store_with_dead_letters_and_tombstones() {
     assert_eq!(worker.metric("streambed_in_flight_messages"), 0.0);
     assert_eq!(worker.metric("streambed_model_info"), 1.0);
 
-    worker.signal(libc::SIGTERM);
-    assert_eq!(
-        worker.wait(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        worker.log_text()
-    );
+    worker.stop();
     assert!(worker.log_text().contains("stopped"));
 
     let points = read_store(dir.path(), DIM);
@@ -222,11 +217,12 @@ fn streams_korean_text_into_the_store_with_dead_letters_and_tombstones() {
 #[test]
 fn sigkill_mid_stream_then_restart_loses_and_duplicates_nothing() {
     let _g = heavy();
-    let broker = Broker::start();
-    let topic = unique("events");
-    let group = unique("group");
-    let dir = tempfile::tempdir().unwrap();
-    broker.create_topic(&topic, 3);
+    let Scenario {
+        broker,
+        topic,
+        group,
+        dir,
+    } = Scenario::new(3);
     let n = 1500;
     let ends = broker.produce(&topic, &korean_messages(n, "k"));
     let env = worker_env(&broker, &topic, &group, dir.path());
@@ -241,8 +237,7 @@ fn sigkill_mid_stream_then_restart_loses_and_duplicates_nothing() {
 
     let mut second = Worker::spawn(&["run"], &env, &dir.path().join("second.log"));
     broker.wait_committed(&group, &topic, &ends, Duration::from_secs(240));
-    second.signal(libc::SIGTERM);
-    assert_eq!(second.wait(Duration::from_secs(30)), Some(0));
+    second.stop();
 
     let points = read_store(dir.path(), DIM);
     assert_eq!(points.len(), n, "no loss, no duplicates");
@@ -258,13 +253,14 @@ fn sigkill_mid_stream_then_restart_loses_and_duplicates_nothing() {
 #[test]
 fn a_consumer_joining_and_leaving_loses_nothing() {
     let _g = heavy();
-    let broker = Broker::start();
-    let topic = unique("events");
-    let group = unique("group");
+    let Scenario {
+        broker,
+        topic,
+        group,
+        dir,
+    } = Scenario::new(3);
     let collection = unique("c");
-    let dir = tempfile::tempdir().unwrap();
     let mut q = QdrantUnderTest::start(dir.path());
-    broker.create_topic(&topic, 3);
     let n = 2000;
     let all = korean_messages(n, "j");
     let mut ends = broker.produce(&topic, &all[..1000]);
@@ -292,11 +288,9 @@ fn a_consumer_joining_and_leaving_loses_nothing() {
     wait_until("b works", Duration::from_secs(120), || {
         b.metric("streambed_points_upserted_total") >= 100.0
     });
-    b.signal(libc::SIGTERM);
-    assert_eq!(b.wait(Duration::from_secs(30)), Some(0), "{}", b.log_text());
+    b.stop();
     broker.wait_committed(&group, &topic, &ends, Duration::from_secs(240));
-    a.signal(libc::SIGTERM);
-    assert_eq!(a.wait(Duration::from_secs(30)), Some(0));
+    a.stop();
 
     let expected: HashSet<String> = (0..n)
         .map(|i| ids::from_entity(format!("j-{i}").as_bytes()).to_string())

@@ -164,13 +164,7 @@ fn worker_survives_a_qdrant_outage() {
     q.up();
     broker.wait_committed(&group, &topic, &ends, Duration::from_secs(240));
     assert_eq!(worker.http("/readyz").map(|r| r.0), Some(200));
-    worker.signal(libc::SIGTERM);
-    assert_eq!(
-        worker.wait(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        worker.log_text()
-    );
+    worker.stop();
     q.down();
     let points = q.read_collection(&collection, 384);
     assert_eq!(

@@ -31,8 +31,7 @@ fn secrets_never_reach_the_logs() {
     wait_until("ready", Duration::from_secs(120), || {
         w.http("/readyz").is_some_and(|r| r.0 == 200)
     });
-    w.signal(libc::SIGTERM);
-    assert_eq!(w.wait(Duration::from_secs(30)), Some(0));
+    w.stop();
     let log = w.log_text();
     assert!(
         log.contains("starting") && log.contains("redacted"),

@@ -242,6 +242,29 @@ impl Drop for Broker {
     }
 }
 
+/// What most stream tests start with: a broker, a topic with `partitions` partitions, a
+/// group id and a scratch folder, all fresh.
+pub struct Scenario {
+    pub broker: Broker,
+    pub topic: String,
+    pub group: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Scenario {
+    pub fn new(partitions: i32) -> Self {
+        let broker = Broker::start();
+        let topic = unique("events");
+        broker.create_topic(&topic, partitions);
+        Scenario {
+            broker,
+            topic,
+            group: unique("group"),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
 /// A record to produce: key and value (`None` value: a tombstone).
 pub type Msg = (Option<Vec<u8>>, Option<Vec<u8>>);
 
@@ -344,6 +367,18 @@ impl Worker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// SIGTERM, then expects a clean exit (code 0) within 30 s.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let code = self.wait(Duration::from_secs(30));
+        assert_eq!(
+            code,
+            Some(0),
+            "worker did not exit cleanly; log:\n{}",
+            self.log_text()
+        );
     }
 
     pub fn kill9(&mut self) {
