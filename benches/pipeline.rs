@@ -126,6 +126,7 @@ fn main() {
 
     // 3. Latency at half capacity.
     *metrics.latency_samples.lock().unwrap() = Some(Vec::new());
+    *metrics.consume_samples.lock().unwrap() = Some(Vec::new());
     let rate = sustained / 2.0;
     let total = (rate * latency_seconds as f64) as usize;
     let producer: FutureProducer = ClientConfig::new()
@@ -161,6 +162,14 @@ fn main() {
         quantile(&lat, 0.95) * 1000.0,
         quantile(&lat, 0.99) * 1000.0,
         streambed::util::peak_rss_mb()
+    );
+    let mut consumed = metrics.consume_samples.lock().unwrap().take().unwrap();
+    consumed.sort_by(f64::total_cmp);
+    println!(
+        "consume_delay p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} (event time to read from Kafka)",
+        quantile(&consumed, 0.5) * 1000.0,
+        quantile(&consumed, 0.95) * 1000.0,
+        quantile(&consumed, 0.99) * 1000.0
     );
     let mean = |h: &prometheus::Histogram| h.get_sample_sum() / h.get_sample_count().max(1) as f64;
     let stage = |s: &str| mean(&metrics.stage_seconds.with_label_values(&[s])) * 1000.0;

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub ready: Arc<Readiness>,
     /// Exact end-to-end latencies, kept only when a benchmark sets this to `Some`.
     pub latency_samples: Arc<std::sync::Mutex<Option<Vec<f64>>>>,
+    /// Exact event-time-to-consume delays (the broker's share), likewise.
+    pub consume_samples: Arc<std::sync::Mutex<Option<Vec<f64>>>>,
 }
 
 /// What `/readyz` checks. Each flag is set by the part that knows.
@@ -181,6 +183,7 @@ impl Metrics {
             .expect("metric")),
             ready: Arc::new(Readiness::default()),
             latency_samples: Arc::new(std::sync::Mutex::new(None)),
+            consume_samples: Arc::new(std::sync::Mutex::new(None)),
             registry,
         };
         m.build_info

@@ -432,6 +432,15 @@ fn admit(mut item: Item, permit: mpsc::Permit<'_, Item>, tracker: &Tracker, metr
 
 fn to_item<M: Message>(m: &M, cfg: &MessageSettings, metrics: &Metrics) -> Item {
     metrics.consumed.inc();
+    if let (Some(samples), Some(ts)) = (
+        metrics.consume_samples.lock().expect("samples").as_mut(),
+        m.timestamp().to_millis(),
+    ) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        samples.push((now - ts).max(0) as f64 / 1000.0);
+    }
     let rec = Record {
         topic: m.topic(),
         partition: m.partition(),
