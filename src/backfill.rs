@@ -354,7 +354,7 @@ pub async fn backfill(
     let (stop_tx, stop_rx) = watch::channel(false);
     let model = load_model(&s, &metrics, &s.model.prefix).await?;
     let sink = open_sink(&s, model.info.dim, &mut stop_rx.clone()).await?;
-    let mut cp = Checkpoint::load(checkpoint)?;
+    let cp = Checkpoint::load(checkpoint)?;
     let any_gz = files
         .iter()
         .any(|f| f.extension().is_some_and(|e| e == "gz"));
@@ -362,17 +362,14 @@ pub async fn backfill(
         .iter()
         .filter(|f| f.extension().is_none_or(|e| e != "gz"))
         .map(|f| {
-            std::fs::read(f)
-                .map_or(0, |b| bytecount_lines(&b))
-                .saturating_sub(
-                    cp.done
-                        .get(f.to_string_lossy().as_ref())
-                        .copied()
-                        .unwrap_or(0),
-                )
+            count_lines(f).saturating_sub(
+                cp.done
+                    .get(f.to_string_lossy().as_ref())
+                    .copied()
+                    .unwrap_or(0),
+            )
         })
         .sum();
-    cp.dirty = false;
     // Compressed files are not counted up front (that would read them twice): with any,
     // the bar shows a count instead of a total.
     let progress = if any_gz {
@@ -464,14 +461,47 @@ pub async fn backfill(
     })
 }
 
-fn bytecount_lines(b: &[u8]) -> u64 {
-    let n = b.iter().filter(|&&c| c == b'\n').count() as u64;
-    n + u64::from(b.last().is_some_and(|&c| c != b'\n'))
+/// Lines in a file, read in fixed-size chunks (a corpus may not fit in memory); 0 when
+/// unreadable (the read itself reports the error later).
+fn count_lines(path: &Path) -> u64 {
+    let Ok(f) = std::fs::File::open(path) else {
+        return 0;
+    };
+    let mut r = BufReader::with_capacity(1 << 16, f);
+    let (mut lines, mut last) = (0u64, b'\n');
+    loop {
+        let buf = match r.fill_buf() {
+            Ok([]) | Err(_) => break,
+            Ok(b) => b,
+        };
+        lines += buf.iter().filter(|&&c| c == b'\n').count() as u64;
+        last = *buf.last().expect("non-empty");
+        let n = buf.len();
+        r.consume(n);
+    }
+    lines + u64::from(last != b'\n')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_lines_across_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        let body = "한국어 문장\n".repeat(20_000); // > 64 KiB: several chunks
+        std::fs::write(&p, &body).unwrap();
+        assert_eq!(count_lines(&p), 20_000);
+        std::fs::write(&p, format!("{body}마지막 줄")).unwrap();
+        assert_eq!(
+            count_lines(&p),
+            20_001,
+            "a last line without newline counts"
+        );
+        std::fs::write(&p, "").unwrap();
+        assert_eq!(count_lines(&p), 0);
+    }
 
     #[test]
     fn file_kinds() {

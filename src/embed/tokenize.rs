@@ -9,7 +9,7 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
+use tokenizers::{Model, PaddingParams, Tokenizer, TruncationParams};
 use unicode_normalization::UnicodeNormalization;
 
 use super::{EmbedError, ItemError};
@@ -148,7 +148,9 @@ fn wordpiece_from_vocab(dir: &Path) -> Result<Tokenizer, EmbedError> {
         .build()
         .map_err(|e| model_err(format!("cannot read vocabulary: {e}")))?;
     let id = |t: &str| {
-        wordpiece_token_id(&vocab, t).ok_or_else(|| model_err(format!("vocabulary lacks {t}")))
+        wordpiece
+            .token_to_id(t)
+            .ok_or_else(|| model_err(format!("vocabulary lacks {t}")))
     };
     let cls = id("[CLS]")?;
     let sep = id("[SEP]")?;
@@ -166,11 +168,4 @@ fn wordpiece_from_vocab(dir: &Path) -> Result<Tokenizer, EmbedError> {
         ("[CLS]".into(), cls),
     )));
     Ok(tokenizer)
-}
-
-fn wordpiece_token_id(vocab: &Path, token: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(vocab).ok()?;
-    text.lines()
-        .position(|l| l.trim_end_matches('\r') == token)
-        .map(|p| p as u32)
 }
