@@ -3,6 +3,8 @@ that `streambed bench` uses. Prints one line per precision in streambed's format
 
     python3 bench/st_bench.py --model models/multilingual-e5-small --input datasets/korsts/sts-dev.tsv \
         --batch-size 32 --limit 1024 [--prefix "query: "] [--bf16]
+    python3 bench/st_bench.py --model DIR --input FILE --device cuda --batch-size 512 \
+        --repeat-to 50000 --dtypes fp32,fp16,bf16
 """
 import argparse
 import csv
@@ -43,6 +45,8 @@ def main():
     ap.add_argument("--threads", type=int, default=int(os.environ.get("ST_THREADS", "0")) or None)
     ap.add_argument("--bf16", action="store_true", help="also run under CPU bf16 autocast")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat-to", type=int, default=0, help="cycle the sentences up to N")
+    ap.add_argument("--dtypes", default="", help="comma-separated: fp32,fp16,bf16")
     args = ap.parse_args()
 
     import torch
@@ -52,11 +56,13 @@ def main():
         torch.set_num_threads(args.threads)
     model = SentenceTransformer(args.model, device=args.device)
     texts = [args.prefix + s for s in sentences(args.input, args.limit)]
+    if args.repeat_to:
+        texts = [texts[i % len(texts)] for i in range(args.repeat_to)]
     tok = model.tokenizer(texts, add_special_tokens=True)["input_ids"]
     tokens = sum(min(len(t), model.max_seq_length) for t in tok)
-    runs = [("fp32", None)]
-    if args.bf16:
-        runs.append(("bf16", torch.bfloat16))
+    names = args.dtypes.split(",") if args.dtypes else ["fp32"] + (["bf16"] if args.bf16 else [])
+    kinds = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    runs = [(n, kinds[n]) for n in names]
     for name, dtype in runs:
         def go():
             if dtype is None:
@@ -64,17 +70,22 @@ def main():
             if args.device == "cpu":
                 with torch.autocast("cpu", dtype=dtype):
                     return model.encode(texts, batch_size=args.batch_size)
-            model.to(dtype)
             return model.encode(texts, batch_size=args.batch_size)
+        if dtype is not None and args.device != "cpu":
+            model.to(dtype)
         model.encode(texts[: args.batch_size], batch_size=args.batch_size)  # warm-up
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         t = time.perf_counter()
         go()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(
             f"engine=sentence-transformers dtype={name} sent_per_s={len(texts)/dt:.1f} "
             f"tok_per_s={tokens/dt:.0f} peak_rss_mb={rss:.0f} sentences={len(texts)} "
-            f"batch_size={args.batch_size} threads={torch.get_num_threads()}",
+            f"batch_size={args.batch_size} device={args.device} threads={torch.get_num_threads()}",
             flush=True,
         )
 

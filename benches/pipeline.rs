@@ -144,10 +144,12 @@ fn main() {
             let rec = FutureRecord::to(&topic)
                 .key(k.as_deref().unwrap())
                 .payload(v.as_deref().unwrap());
-            pending.push(producer.send(rec, Duration::from_secs(10)));
+            // send_result enqueues now; send() would only enqueue when first polled, which
+            // turns the paced load into one burst at the end.
+            pending.push(producer.send_result(rec).map_err(|(e, _)| e).unwrap());
         }
         for p in pending {
-            p.await.map_err(|(e, _)| e).unwrap();
+            p.await.unwrap().map_err(|(e, _)| e).unwrap();
         }
     });
     while metrics.upserted.get() < (n + total) as u64 {
@@ -200,21 +202,25 @@ fn main() {
         rt.block_on(async {
             let mut pending = std::collections::VecDeque::new();
             for (k, v) in &big {
-                let rec = FutureRecord::to(&topic)
-                    .key(k.as_deref().unwrap())
-                    .payload(v.as_deref().unwrap());
-                pending.push_back(producer.send(rec, Duration::from_secs(60)));
-                if pending.len() > 5000 {
-                    pending
-                        .pop_front()
-                        .unwrap()
-                        .await
-                        .map_err(|(e, _)| e)
-                        .unwrap();
+                loop {
+                    let rec = FutureRecord::to(&topic)
+                        .key(k.as_deref().unwrap())
+                        .payload(v.as_deref().unwrap());
+                    match producer.send_result(rec) {
+                        Ok(f) => {
+                            pending.push_back(f);
+                            break;
+                        }
+                        // Local queue full: wait for the oldest delivery, then retry.
+                        Err(_) => {
+                            let f = pending.pop_front().expect("queue full of something");
+                            f.await.unwrap().map_err(|(e, _)| e).unwrap();
+                        }
+                    }
                 }
             }
             for p in pending {
-                p.await.map_err(|(e, _)| e).unwrap();
+                p.await.unwrap().map_err(|(e, _)| e).unwrap();
             }
         });
         eprintln!("produced {backlog} in {:.0}s", t.elapsed().as_secs_f64());

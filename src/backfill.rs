@@ -417,7 +417,7 @@ pub async fn backfill(
     let pipe = pipeline::start(
         pipeline_config(&s),
         model.tokenizer,
-        EncoderHandle::spawn(model.encoder, 2),
+        EncoderHandle::spawn_with_threads(model.encoder, 2, s.model.compute_threads()),
         sink,
         dead,
         completion.clone(),

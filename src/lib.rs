@@ -5,7 +5,7 @@ pub mod backfill;
 pub mod commands;
 pub mod devserver;
 pub mod embed;
-pub mod ids;
+pub use streambed_decode::ids;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;

@@ -105,6 +105,20 @@ enum Command {
         /// Use only the first N sentences.
         #[arg(long)]
         limit: Option<usize>,
+        /// Cycle through the sentences until there are N (e.g. 50000 for the GPU figure).
+        #[arg(long)]
+        repeat_to: Option<usize>,
+        /// Measurements to make, comma-separated.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "length-sorted,stream"
+        )]
+        orders: Vec<commands::BenchOrder>,
+        /// Tokenizer threads for the pipelined measurement.
+        #[arg(long, default_value_t = 1)]
+        tokenizer_threads: usize,
     },
     /// Model-folder tools (used by scripts/fetch-models.sh).
     #[command(subcommand)]
@@ -124,6 +138,16 @@ enum ModelCommand {
     },
     /// Write a klue/bert-base-shaped folder with seeded random weights.
     RandomKlue {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Copy a model folder's configuration and tokenizer, with seeded random weights of its
+    /// shape (for measuring a model whose real weights cannot be moved).
+    RandomLike {
+        #[arg(long)]
+        like: PathBuf,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 42)]
@@ -244,7 +268,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     model,
                     input,
                     limit,
-                } => commands::bench(&model, &input, limit),
+                    repeat_to,
+                    orders,
+                    tokenizer_threads,
+                } => commands::bench(&model, &input, limit, repeat_to, &orders, tokenizer_threads),
                 Command::Model(ModelCommand::ConvertE5s1 {
                     input,
                     tokenizer,
@@ -262,6 +289,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 Command::Model(ModelCommand::RandomKlue { out, seed }) => {
                     streambed::embed::random::write_klue_bert_base(&out, seed)?;
+                    eprintln!("wrote {}", out.display());
+                    Ok(())
+                }
+                Command::Model(ModelCommand::RandomLike { like, out, seed }) => {
+                    streambed::embed::random::write_random_like(&like, &out, seed)?;
                     eprintln!("wrote {}", out.display());
                     Ok(())
                 }

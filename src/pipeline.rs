@@ -4,8 +4,10 @@
 //! source ─► batcher (tokenise) ─► embedder (encoder thread) ─► writer (store, dead letters) ─► completion
 //! ```
 //!
-//! Each arrow is a bounded channel of one batch, so while the model runs on batch k, batch
-//! k+1 is tokenised and batch k-1 is written, and a slow stage stops the ones before it.
+//! Items are tokenised as they arrive and the model takes the waiting batch the moment it
+//! is free (continuous batching), so while the model runs on batch k, batch k+1 is being
+//! tokenised and filled and batch k-1 is written; every hand-over is bounded, so a slow
+//! stage stops the ones before it.
 //! Completion (offset commit, backfill checkpoint) is reported only after the store
 //! confirmed the write and every dead letter was delivered.
 
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use rand::Rng;
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -142,16 +144,16 @@ pub fn start<S: Sink>(
 ) -> Pipeline {
     // Room for two batches, so the next batch is already waiting when one closes.
     let (input, items_rx) = mpsc::channel::<Item>(2 * cfg.max_items.max(1));
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+    let (request_tx, request_rx) = mpsc::channel::<Request>(1);
     let (emb_tx, emb_rx) = mpsc::channel::<Embedded>(1);
     let batcher = tokio::spawn(batcher(
         cfg.clone(),
         tokenizer,
         items_rx,
-        batch_tx,
+        request_rx,
         metrics.clone(),
     ));
-    let embedder = tokio::spawn(embedder(encoder, batch_rx, emb_tx, metrics.clone()));
+    let embedder = tokio::spawn(embedder(encoder, request_tx, emb_tx, metrics.clone()));
     let writer = tokio::spawn(writer(cfg, sink, dead_letters, completion, emb_rx, metrics));
     let finished = tokio::spawn(async move {
         for (name, h) in [
@@ -201,78 +203,131 @@ fn prepare(item: Item, tokenizer: &TextTokenizer, metrics: &Metrics) -> Prepared
     }
 }
 
-/// Closes a batch on `max_items`, on the padded-token budget (items x longest), or when
-/// `linger` has passed since its first item.
+/// The embedder's request for its next batch: answered with a batch as soon as one is due.
+type Request = oneshot::Sender<Batch>;
+
+/// The batch being filled.
+#[derive(Default)]
+struct Filling {
+    items: Vec<Prepared>,
+    /// Texts in `items` (deletes and rejects need no model).
+    texts: usize,
+    longest: usize,
+    first_at: Option<tokio::time::Instant>,
+    tokenize: Duration,
+    /// The item that did not fit the token budget; it opens the next batch.
+    carry: Option<Prepared>,
+}
+
+impl Filling {
+    fn add(&mut self, p: Prepared, max_tokens: usize) {
+        if let Some(t) = &p.tokens {
+            let l = self.longest.max(t.len());
+            if self.texts > 0 && (self.texts + 1) * l > max_tokens {
+                self.carry = Some(p);
+                return;
+            }
+            self.longest = l;
+            self.texts += 1;
+        }
+        self.first_at.get_or_insert_with(tokio::time::Instant::now);
+        self.items.push(p);
+    }
+
+    fn is_full(&self, max_items: usize) -> bool {
+        self.carry.is_some() || self.items.len() >= max_items
+    }
+
+    /// Hands the batch over and starts the next with the carried item, if any.
+    fn take(&mut self, max_tokens: usize, metrics: &Metrics) -> Batch {
+        metrics
+            .stage_seconds
+            .with_label_values(&["tokenize"])
+            .observe(self.tokenize.as_secs_f64());
+        if self.texts > 0 {
+            metrics.batch_size.observe(self.texts as f64);
+            metrics
+                .batch_padded_tokens
+                .observe((self.texts * self.longest) as f64);
+        }
+        let carry = self.carry.take();
+        let batch = Batch {
+            items: std::mem::take(&mut self.items),
+        };
+        *self = Filling::default();
+        if let Some(p) = carry {
+            self.add(p, max_tokens);
+        }
+        batch
+    }
+}
+
+/// Continuous batching, as text-embeddings-inference does it: items are tokenised as they
+/// arrive, and the batch goes to the model the moment the model asks for work. While the
+/// model is busy the batch grows, up to `max_items` or the padded-token budget (items ×
+/// longest). So under load batches are full, and under light load nothing waits for a
+/// timer. `linger` lets the first item of a batch wait that long for company when the model
+/// is idle (0 by default).
 async fn batcher(
     cfg: PipelineConfig,
     tokenizer: TextTokenizer,
     mut rx: mpsc::Receiver<Item>,
-    tx: mpsc::Sender<Batch>,
+    mut requests: mpsc::Receiver<Request>,
     metrics: Metrics,
 ) {
-    let mut carry: Option<Prepared> = None;
+    let mut filling = Filling::default();
+    let mut waiting: Option<Request> = None;
+    let mut input_open = true;
     loop {
-        let first = match carry.take() {
-            Some(p) => p,
-            None => match rx.recv().await {
-                Some(item) => prepare(item, &tokenizer, &metrics),
+        let full = filling.is_full(cfg.max_items);
+        let lingered = filling
+            .first_at
+            .is_some_and(|t| t + cfg.linger <= tokio::time::Instant::now());
+        if !filling.items.is_empty() && (full || !input_open || lingered) {
+            if let Some(req) = waiting.take() {
+                if req.send(filling.take(cfg.max_tokens, &metrics)).is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        if !input_open && filling.items.is_empty() && filling.carry.is_none() {
+            return;
+        }
+        let linger_until = filling.first_at.map(|t| t + cfg.linger);
+        tokio::select! {
+            biased;
+            req = requests.recv(), if waiting.is_none() => match req {
+                Some(r) => waiting = Some(r),
                 None => return,
             },
-        };
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + cfg.linger;
-        let mut longest = first.tokens.as_ref().map_or(0, Vec::len);
-        let mut texts = usize::from(first.tokens.is_some());
-        let mut items = vec![first];
-        let mut closed = false;
-        while items.len() < cfg.max_items {
-            let next = tokio::select! {
-                biased;
-                item = rx.recv() => item,
-                _ = tokio::time::sleep_until(deadline) => break,
-            };
-            let Some(item) = next else {
-                closed = true;
-                break;
-            };
-            let p = prepare(item, &tokenizer, &metrics);
-            if let Some(t) = &p.tokens {
-                let l = longest.max(t.len());
-                if texts > 0 && (texts + 1) * l > cfg.max_tokens {
-                    carry = Some(p);
-                    break;
+            item = rx.recv(), if input_open && !full => match item {
+                Some(item) => {
+                    let started = Instant::now();
+                    let p = prepare(item, &tokenizer, &metrics);
+                    filling.tokenize += started.elapsed();
+                    filling.add(p, cfg.max_tokens);
                 }
-                longest = l;
-                texts += 1;
-            }
-            items.push(p);
-        }
-        metrics
-            .stage_seconds
-            .with_label_values(&["tokenize"])
-            .observe(started.elapsed().as_secs_f64());
-        if texts > 0 {
-            metrics.batch_size.observe(texts as f64);
-            metrics
-                .batch_padded_tokens
-                .observe((texts * longest) as f64);
-        }
-        if tx.send(Batch { items }).await.is_err() {
-            return;
-        }
-        if closed && carry.is_none() {
-            return;
+                None => input_open = false,
+            },
+            _ = tokio::time::sleep_until(linger_until.unwrap_or_else(tokio::time::Instant::now)),
+                if waiting.is_some() && linger_until.is_some() && !lingered => {}
         }
     }
 }
 
 async fn embedder(
     encoder: EncoderHandle,
-    mut rx: mpsc::Receiver<Batch>,
+    requests: mpsc::Sender<Request>,
     tx: mpsc::Sender<Embedded>,
     metrics: Metrics,
 ) {
-    while let Some(batch) = rx.recv().await {
+    loop {
+        let (ask, answer) = oneshot::channel();
+        if requests.send(ask).await.is_err() {
+            return;
+        }
+        let Ok(batch) = answer.await else { return };
         let seqs: Vec<Vec<u32>> = batch
             .items
             .iter()

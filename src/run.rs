@@ -140,7 +140,7 @@ pub async fn run_with_metrics(
         _ = &mut shutdown => return Ok(()),
     };
     let dim = model.info.dim;
-    let encoder = EncoderHandle::spawn(model.encoder, 2);
+    let encoder = EncoderHandle::spawn_with_threads(model.encoder, 2, s.model.compute_threads());
     let sink = {
         let mut stop = stop_rx.clone();
         tokio::select! {

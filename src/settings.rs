@@ -62,6 +62,24 @@ pub struct ModelSettings {
     pub device: DeviceKind,
     pub dtype: Precision,
     pub forward_batch: usize,
+    /// CPU threads for the model; 0 means all cores but one (see `compute_threads`).
+    pub threads: usize,
+}
+
+impl ModelSettings {
+    /// The model's CPU threads. By default one core is left to the Kafka client, the
+    /// tokenizer, the store and the broker: on 2 cores, two model threads made every other
+    /// thread stall the model's barriers, and half-capacity latency was seconds instead of
+    /// ~300 ms (docs/PERFORMANCE.md).
+    pub fn compute_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_sub(1)
+            .max(1)
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -111,42 +129,7 @@ impl fmt::Debug for KafkaSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MessageFormat {
-    Auto,
-    Json,
-    Text,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MessageSettings {
-    pub format: MessageFormat,
-    pub text_field: String,
-    /// Empty in the file means none.
-    #[serde(deserialize_with = "empty_is_none")]
-    pub id_field: Option<String>,
-    pub metadata_fields: Vec<String>,
-    pub max_message_bytes: usize,
-}
-
-impl Default for MessageSettings {
-    fn default() -> Self {
-        Self {
-            format: MessageFormat::Auto,
-            text_field: "text".into(),
-            id_field: Some("id".into()),
-            metadata_fields: Vec::new(),
-            max_message_bytes: 1 << 20,
-        }
-    }
-}
-
-fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let s = Option::<String>::deserialize(d)?;
-    Ok(s.filter(|s| !s.is_empty()))
-}
+pub use streambed_decode::message::{MessageFormat, MessageSettings};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -22,6 +22,16 @@ fn settings(url: &str, collection: &str) -> QdrantSettings {
     }
 }
 
+/// Resident memory of a process, from /proc.
+fn rss_mb(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 fn unit(dim: usize, hot: usize) -> Vec<f32> {
     let mut v = vec![0.0; dim];
     v[hot] = 1.0;
@@ -111,7 +121,7 @@ fn worker_survives_a_qdrant_outage() {
     let group = unique("group");
     let collection = unique("c");
     broker.create_topic(&topic, 3);
-    let sentences = korean_sentences(1600);
+    let sentences = korean_sentences(4000);
     let msgs: Vec<Msg> = sentences
         .iter()
         .enumerate()
@@ -138,6 +148,7 @@ fn worker_survives_a_qdrant_outage() {
     );
 
     q.down();
+    let outage_started = std::time::Instant::now();
     let stored_at_outage = q.read_collection(&collection, 384).len();
     for (p, end) in broker.produce(&topic, &msgs[800..]) {
         ends.insert(p, end);
@@ -154,11 +165,37 @@ fn worker_survives_a_qdrant_outage() {
     wait_until("write retries", Duration::from_secs(30), || {
         worker.metric("streambed_sink_retries_total") >= 2.0
     });
-    std::thread::sleep(Duration::from_secs(3));
-    let committed: i64 = broker.committed(&group, &topic, 3).values().sum();
+    // The outage lasts OUTAGE_SECONDS (30 by default) in all. Meanwhile the reader must stop
+    // taking records (bounded memory) and nothing may be committed past the stored data.
+    let outage: u64 = std::env::var("OUTAGE_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let rss_start = rss_mb(worker.pid());
+    let mut rss_max = rss_start;
+    while outage_started.elapsed() < Duration::from_secs(outage) {
+        std::thread::sleep(Duration::from_secs(1));
+        rss_max = rss_max.max(rss_mb(worker.pid()));
+        let committed: i64 = broker.committed(&group, &topic, 3).values().sum();
+        assert!(
+            committed as usize <= stored_at_outage,
+            "committed {committed} offsets but only {stored_at_outage} points were stored"
+        );
+        assert_eq!(
+            worker.http("/readyz").map(|r| r.0),
+            Some(503),
+            "not ready during the outage"
+        );
+    }
+    eprintln!(
+        "outage: {:.0} s, rss at first retry {rss_start:.0} MB, max {rss_max:.0} MB, stored before {stored_at_outage}, \
+         retries {}",
+        outage_started.elapsed().as_secs_f64(),
+        worker.metric("streambed_sink_retries_total")
+    );
     assert!(
-        committed as usize <= stored_at_outage,
-        "committed {committed} offsets but only {stored_at_outage} points were stored"
+        rss_max - rss_start < 100.0,
+        "memory stays bounded during the outage: {rss_start:.0} MB -> {rss_max:.0} MB"
     );
 
     q.up();

@@ -6,9 +6,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use anyhow::Context;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
+use super::config::BertConfig;
 use super::e5s1::write_sentence_transformers_files;
 
 pub const KLUE_VOCAB: usize = 32000;
@@ -37,10 +39,11 @@ pub fn klue_like_vocab() -> Vec<String> {
     v
 }
 
-/// Writes the folder. Weights are uniform in ±0.035 (standard deviation 0.02, BERT's
-/// initializer range); layer norms are identity. The same seed gives the same bytes.
-pub fn write_klue_bert_base(out: &Path, seed: u64) -> anyhow::Result<()> {
-    let (h, layers, ff, pos, types) = (768usize, 12usize, 3072usize, 512usize, 2usize);
+/// Seeded random weights for a BERT of `cfg`'s shape, named as `BertModel` saves them.
+/// Weights are uniform in ±0.035 (standard deviation 0.02, BERT's initializer range);
+/// layer norms are identity. The same seed gives the same values.
+pub fn random_weights(cfg: &BertConfig, seed: u64) -> candle_core::Result<HashMap<String, Tensor>> {
+    let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut rand_tensor = |shape: &[usize]| -> candle_core::Result<Tensor> {
         let n: usize = shape.iter().product();
@@ -52,19 +55,19 @@ pub fn write_klue_bert_base(out: &Path, seed: u64) -> anyhow::Result<()> {
     let mut t: HashMap<String, Tensor> = HashMap::new();
     t.insert(
         "embeddings.word_embeddings.weight".into(),
-        rand_tensor(&[KLUE_VOCAB, h])?,
+        rand_tensor(&[cfg.vocab_size, h])?,
     );
     t.insert(
         "embeddings.position_embeddings.weight".into(),
-        rand_tensor(&[pos, h])?,
+        rand_tensor(&[cfg.max_position_embeddings, h])?,
     );
     t.insert(
         "embeddings.token_type_embeddings.weight".into(),
-        rand_tensor(&[types, h])?,
+        rand_tensor(&[cfg.type_vocab_size, h])?,
     );
     t.insert("embeddings.LayerNorm.weight".into(), ones(h)?);
     t.insert("embeddings.LayerNorm.bias".into(), zeros(h)?);
-    for l in 0..layers {
+    for l in 0..cfg.num_hidden_layers {
         let p = format!("encoder.layer.{l}");
         for (name, o, i) in [
             ("attention.self.query", h, h),
@@ -82,6 +85,60 @@ pub fn write_klue_bert_base(out: &Path, seed: u64) -> anyhow::Result<()> {
             t.insert(format!("{p}.{name}.bias"), zeros(h)?);
         }
     }
+    Ok(t)
+}
+
+/// Writes a copy of the model folder `like` (configuration, tokenizer, sentence-transformers
+/// files) with seeded random weights in place of its own. Used to measure a model's compute
+/// where its real weights cannot travel (the GPU machine takes at most 64 MiB).
+pub fn write_random_like(like: &Path, out: &Path, seed: u64) -> anyhow::Result<()> {
+    let cfg_text = std::fs::read_to_string(like.join("config.json"))
+        .with_context(|| format!("reading {}", like.join("config.json").display()))?;
+    let cfg: BertConfig = serde_json::from_str(&cfg_text)
+        .with_context(|| format!("parsing {}", like.join("config.json").display()))?;
+    copy_non_weights(like, out)?;
+    candle_core::safetensors::save(&random_weights(&cfg, seed)?, out.join("model.safetensors"))?;
+    Ok(())
+}
+
+fn copy_non_weights(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let is_weights = path
+            .extension()
+            .is_some_and(|e| e == "safetensors" || e == "bin" || e == "pt");
+        if entry.file_type()?.is_dir() {
+            if !name.to_string_lossy().starts_with('.') {
+                copy_non_weights(&path, &to.join(&name))?;
+            }
+        } else if !is_weights {
+            std::fs::copy(&path, to.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the klue/bert-base-shaped folder. The same seed gives the same bytes.
+pub fn write_klue_bert_base(out: &Path, seed: u64) -> anyhow::Result<()> {
+    let (h, layers, ff, pos, types) = (768usize, 12usize, 3072usize, 512usize, 2usize);
+    let cfg = BertConfig {
+        vocab_size: KLUE_VOCAB,
+        hidden_size: h,
+        num_hidden_layers: layers,
+        num_attention_heads: 12,
+        intermediate_size: ff,
+        hidden_act: "gelu".into(),
+        max_position_embeddings: pos,
+        type_vocab_size: types,
+        layer_norm_eps: 1e-12,
+        model_type: Some("bert".into()),
+        architectures: None,
+        position_embedding_type: None,
+    };
+    let t = random_weights(&cfg, seed)?;
     std::fs::create_dir_all(out)?;
     candle_core::safetensors::save(&t, out.join("model.safetensors"))?;
     std::fs::write(out.join("vocab.txt"), klue_like_vocab().join("\n") + "\n")?;

@@ -24,20 +24,40 @@ pub struct EncoderHandle {
 }
 
 impl EncoderHandle {
-    /// Starts the thread. `queue` batches may wait while one runs.
+    /// Starts the thread, with the model's parallel work on the process-wide thread pool.
+    /// `queue` batches may wait while one runs.
     pub fn spawn<E: Encoder>(encoder: E, queue: usize) -> Self {
+        Self::start(encoder, queue, None)
+    }
+
+    /// Starts the thread with the model's parallel work (candle's matmuls) on a pool of
+    /// its own with `threads` threads.
+    pub fn spawn_with_threads<E: Encoder>(encoder: E, queue: usize, threads: usize) -> Self {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("streambed-model-{i}"))
+            .build()
+            .expect("model thread pool");
+        Self::start(encoder, queue, Some(pool))
+    }
+
+    fn start<E: Encoder>(encoder: E, queue: usize, pool: Option<rayon::ThreadPool>) -> Self {
         let (tx, mut rx) = mpsc::channel::<Job>(queue.max(1));
         let dim = encoder.dim();
+        let mut serve = move || {
+            while let Some(job) = rx.blocking_recv() {
+                let started = Instant::now();
+                let refs: Vec<&[u32]> = job.seqs.iter().map(Vec::as_slice).collect();
+                let result = encoder.embed(&refs).map(|v| (v, started.elapsed()));
+                // The requester may have gone away (shutdown); nothing to do then.
+                let _ = job.reply.send(result);
+            }
+        };
         std::thread::Builder::new()
             .name("streambed-encoder".into())
-            .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    let started = Instant::now();
-                    let refs: Vec<&[u32]> = job.seqs.iter().map(Vec::as_slice).collect();
-                    let result = encoder.embed(&refs).map(|v| (v, started.elapsed()));
-                    // The requester may have gone away (shutdown); nothing to do then.
-                    let _ = job.reply.send(result);
-                }
+            .spawn(move || match pool {
+                Some(pool) => pool.install(serve),
+                None => serve(),
             })
             .expect("spawn encoder thread");
         Self { tx, dim }

@@ -28,12 +28,16 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The Korean-capable test model (scripts/fetch-models.sh).
-pub fn e5_model() -> PathBuf {
-    let dir = std::env::var_os("STREAMBED_MODELS")
+/// Where scripts/fetch-models.sh put the test models.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("STREAMBED_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("models"))
-        .join("multilingual-e5-small");
+}
+
+/// The Korean-capable test model (scripts/fetch-models.sh).
+pub fn e5_model() -> PathBuf {
+    let dir = models_dir().join("multilingual-e5-small");
     assert!(
         dir.join("model.safetensors").exists(),
         "{} is missing: run scripts/fetch-models.sh first",
@@ -126,36 +130,9 @@ impl Broker {
     }
 
     /// Produces records (key, value; `None` value is a tombstone) and returns the end
-    /// offset per partition. One message per request: tansu reports watermarks early
-    /// for multi-message batches.
+    /// offset per partition.
     pub fn produce(&self, topic: &str, records: &[Msg]) -> HashMap<i32, i64> {
-        let producer: FutureProducer = self
-            .config()
-            .set("batch.num.messages", "1")
-            .set("enable.idempotence", "true")
-            .create()
-            .unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let mut ends = HashMap::new();
-        rt.block_on(async {
-            let mut pending = Vec::new();
-            for (k, v) in records {
-                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
-                if let Some(k) = k {
-                    rec = rec.key(k.as_slice());
-                }
-                if let Some(v) = v {
-                    rec = rec.payload(v.as_slice());
-                }
-                pending.push(producer.send(rec, Duration::from_secs(30)));
-            }
-            for f in pending {
-                let d = f.await.map_err(|(e, _)| e).expect("delivered");
-                let e = ends.entry(d.partition).or_insert(0);
-                *e = (*e).max(d.offset + 1);
-            }
-        });
-        ends
+        produce_to(&self.addr, topic, records)
     }
 
     /// The group's committed offsets for `topic`'s partitions.
@@ -240,6 +217,69 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Produces records to the broker at `addr` and returns the end offset per partition. One
+/// message per request: tansu reports watermarks early for multi-message batches.
+pub fn produce_to(addr: &str, topic: &str, records: &[Msg]) -> HashMap<i32, i64> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("batch.num.messages", "1")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut ends = HashMap::new();
+    rt.block_on(async {
+        // send_result enqueues at once (send() only when first polled); on a full local
+        // queue, wait for earlier deliveries and try again.
+        let mut pending = std::collections::VecDeque::new();
+        for (k, v) in records {
+            loop {
+                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+                if let Some(k) = k {
+                    rec = rec.key(k.as_slice());
+                }
+                if let Some(v) = v {
+                    rec = rec.payload(v.as_slice());
+                }
+                match producer.send_result(rec) {
+                    Ok(f) => {
+                        pending.push_back(f);
+                        break;
+                    }
+                    Err((e, _)) => {
+                        assert!(
+                            e.rdkafka_error_code()
+                                == Some(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                            "produce: {e}"
+                        );
+                        let f = pending.pop_front().expect("a queue is full of something");
+                        note(&mut ends, f.await);
+                    }
+                }
+            }
+        }
+        for f in pending {
+            note(&mut ends, f.await);
+        }
+    });
+    ends
+}
+
+fn note(
+    ends: &mut HashMap<i32, i64>,
+    r: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+) {
+    let d = r
+        .expect("producer alive")
+        .map_err(|(e, _)| e)
+        .expect("delivered");
+    let e = ends.entry(d.partition).or_insert(0);
+    *e = (*e).max(d.offset + 1);
 }
 
 /// What most stream tests start with: a broker, a topic with `partitions` partitions, a
