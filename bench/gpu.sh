@@ -68,12 +68,16 @@ PY
   for m in klue e5; do
     prefix=""; [[ $m == e5 ]] && prefix="query: "
     echo "== $m: 50000 KorSTS sentences"
-    for dt in f16 f32; do
-      for b in 512 128; do
-        "$SB" bench --model "$W/$m" --prefix "$prefix" --device cuda --dtype $dt --batch-size $b \
-          --input $DATA --repeat-to 50000 --orders pipelined --tokenizer-threads 8 2>/dev/null | sed "s/^/streambed /"
-      done
-    done
+    run() { # dtype batch streams
+      "$SB" bench --model "$W/$m" --prefix "$prefix" --device cuda --dtype "$1" --batch-size "$2" \
+        --streams "$3" --input $DATA --repeat-to 50000 --orders pipelined --tokenizer-threads 8 \
+        2>/dev/null | sed "s/^/streambed /"
+    }
+    for streams in 1 2 3; do run f16 512 "$streams"; done
+    run f16 1024 2
+    run f16 128 2
+    run f32 512 1
+    run f32 512 2
     python3 bench/st_bench.py --model "$W/$m" --prefix "$prefix" --device cuda --batch-size 512 \
       --input $DATA --repeat-to 50000 --dtypes fp32,fp16,bf16 2>/dev/null
   done

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked
 STREAMBED_BIN=target/release/streambed scripts/fetch-models.sh
 scripts/fetch-broker.sh >/dev/null
-cargo test --release --locked "$@"
+cargo test --release --locked --workspace "$@"

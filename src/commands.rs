@@ -260,72 +260,87 @@ pub fn bench_encoder(
 
 /// Text to vectors with tokenisation overlapped: `threads` tokenizer threads prepare
 /// batches (in order of character length, as sentence-transformers' `encode` sorts) while
-/// this thread runs the model, so the device never waits for the tokenizer unless the
-/// tokenizer is the bottleneck. Timed from raw text to vectors in host memory, tokenisation
+/// the model runs, so the device never waits for the tokenizer unless the tokenizer is the
+/// bottleneck. With several `encoders` (model copies, each on its own GPU stream), batches
+/// go to whichever is free. Timed from raw text to vectors in host memory, tokenisation
 /// included: the like-for-like figure against `SentenceTransformer.encode`.
 pub fn bench_pipelined(
-    m: &LoadedModel,
+    tokenizer: &embed::TextTokenizer,
+    encoders: &[&embed::BertEncoder],
     sentences: &[String],
     batch: usize,
     threads: usize,
 ) -> anyhow::Result<BenchResult> {
-    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
 
     let mut order: Vec<usize> = (0..sentences.len()).collect();
     order.sort_by_key(|&i| sentences[i].chars().count());
     let chunks: Vec<&[usize]> = order.chunks(batch).collect();
-    // Warm-up on the first batch (device kernels compile on first use).
-    if let Some(first) = chunks.first() {
-        let toks = first
+    let tokenize = |chunk: &[usize]| -> anyhow::Result<Vec<Vec<u32>>> {
+        Ok(chunk
             .iter()
-            .map(|&i| m.tokenizer.tokenize(&sentences[i]).map(|t| t.ids))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|&i| tokenizer.tokenize(&sentences[i]).map(|t| t.ids))
+            .collect::<Result<Vec<_>, _>>()?)
+    };
+    // Warm-up on the first batch, on every copy (device kernels compile on first use).
+    if let Some(first) = chunks.first() {
+        let toks = tokenize(first)?;
         let refs: Vec<&[u32]> = toks.iter().map(Vec::as_slice).collect();
-        m.encoder.embed(&refs)?;
+        for e in encoders {
+            e.embed(&refs)?;
+        }
     }
     let next = AtomicUsize::new(0);
     let started = Instant::now();
     let (tx, rx) =
-        std::sync::mpsc::sync_channel::<(usize, anyhow::Result<Vec<Vec<u32>>>)>(threads.max(1) * 2);
-    let mut times = Vec::with_capacity(chunks.len());
-    let mut tokens = 0usize;
+        std::sync::mpsc::sync_channel::<anyhow::Result<Vec<Vec<u32>>>>(threads.max(1) * 2);
+    let rx = Mutex::new(rx);
+    let times = Mutex::new(Vec::with_capacity(chunks.len()));
+    let tokens = AtomicUsize::new(0);
     std::thread::scope(|scope| -> anyhow::Result<()> {
         for _ in 0..threads.max(1) {
             let tx = tx.clone();
-            let (next, chunks, tokenizer) = (&next, &chunks, &m.tokenizer);
+            let (next, chunks, tokenize) = (&next, &chunks, &tokenize);
             scope.spawn(move || loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 let Some(chunk) = chunks.get(k) else { break };
-                let toks = chunk
-                    .iter()
-                    .map(|&i| tokenizer.tokenize(&sentences[i]).map(|t| t.ids))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(anyhow::Error::from);
-                if tx.send((k, toks)).is_err() {
+                if tx.send(tokenize(chunk)).is_err() {
                     break;
                 }
             });
         }
         drop(tx);
-        // Batches arrive in any order; run them in chunk order.
-        let mut waiting = BTreeMap::new();
-        let mut want = 0usize;
-        for (k, toks) in rx.iter() {
-            waiting.insert(k, toks?);
-            while let Some(toks) = waiting.remove(&want) {
-                let refs: Vec<&[u32]> = toks.iter().map(Vec::as_slice).collect();
-                tokens += refs.iter().map(|r| r.len()).sum::<usize>();
-                let t = Instant::now();
-                m.encoder.embed(&refs)?;
-                times.push(t.elapsed().as_secs_f64() * 1000.0);
-                want += 1;
-            }
+        let workers: Vec<_> = encoders
+            .iter()
+            .map(|e| {
+                let (rx, times, tokens) = (&rx, &times, &tokens);
+                scope.spawn(move || -> anyhow::Result<()> {
+                    loop {
+                        let job = rx.lock().expect("queue").recv();
+                        let Ok(toks) = job else { return Ok(()) };
+                        let toks = toks?;
+                        let refs: Vec<&[u32]> = toks.iter().map(Vec::as_slice).collect();
+                        tokens.fetch_add(refs.iter().map(|r| r.len()).sum(), Ordering::Relaxed);
+                        let t = Instant::now();
+                        e.embed(&refs)?;
+                        times
+                            .lock()
+                            .expect("times")
+                            .push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("encoder thread")?;
         }
         Ok(())
     })?;
     let total = started.elapsed().as_secs_f64();
+    let mut times = times.into_inner().expect("times");
     times.sort_by(f64::total_cmp);
+    let tokens = tokens.into_inner();
     Ok(BenchResult {
         sentences: sentences.len(),
         tokens,
@@ -357,8 +372,20 @@ pub fn bench(
     repeat_to: Option<usize>,
     orders: &[BenchOrder],
     tokenizer_threads: usize,
+    streams: usize,
 ) -> anyhow::Result<()> {
     let m = args.load()?;
+    // More model copies for the pipelined measurement (GPU streams side by side).
+    let extra: Vec<LoadedModel> = if orders.contains(&BenchOrder::Pipelined) {
+        (1..streams.max(1))
+            .map(|_| args.load())
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let encoders: Vec<&embed::BertEncoder> = std::iter::once(&m.encoder)
+        .chain(extra.iter().map(|x| &x.encoder))
+        .collect();
     let mut sentences = read_sentences(input)?;
     if let Some(n) = limit {
         sentences.truncate(n);
@@ -375,16 +402,20 @@ pub fn bench(
         let r = match order {
             BenchOrder::LengthSorted => bench_encoder(&m, &sentences, args.batch_size, true)?,
             BenchOrder::Stream => bench_encoder(&m, &sentences, args.batch_size, false)?,
-            BenchOrder::Pipelined => {
-                bench_pipelined(&m, &sentences, args.batch_size, tokenizer_threads)?
-            }
+            BenchOrder::Pipelined => bench_pipelined(
+                &m.tokenizer,
+                &encoders,
+                &sentences,
+                args.batch_size,
+                tokenizer_threads,
+            )?,
         };
         let name = clap::ValueEnum::to_possible_value(&order)
             .expect("named")
             .get_name()
             .to_string();
         println!(
-            "order={name} sent_per_s={:.1} tok_per_s={:.0} p50_batch_ms={:.1} p99_batch_ms={:.1} peak_rss_mb={:.0} sentences={} tokens={} batch_size={} device={} dtype={} threads={} tokenize_s={:.2}",
+            "order={name} sent_per_s={:.1} tok_per_s={:.0} p50_batch_ms={:.1} p99_batch_ms={:.1} peak_rss_mb={:.0} sentences={} tokens={} batch_size={} device={} dtype={} streams={} threads={} tokenize_s={:.2}",
             r.sent_per_s,
             r.tok_per_s,
             r.p50_batch_ms,
@@ -395,6 +426,7 @@ pub fn bench(
             args.batch_size,
             m.info.device.as_str(),
             m.info.precision.as_str(),
+            encoders.len(),
             candle_core::utils::get_num_threads(),
             r.tokenize_s,
         );

@@ -119,6 +119,9 @@ enum Command {
         /// Tokenizer threads for the pipelined measurement.
         #[arg(long, default_value_t = 1)]
         tokenizer_threads: usize,
+        /// Model copies for the pipelined measurement, each on its own GPU stream.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
     },
     /// Model-folder tools (used by scripts/fetch-models.sh).
     #[command(subcommand)]
@@ -271,7 +274,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     repeat_to,
                     orders,
                     tokenizer_threads,
-                } => commands::bench(&model, &input, limit, repeat_to, &orders, tokenizer_threads),
+                    streams,
+                } => commands::bench(
+                    &model,
+                    &input,
+                    limit,
+                    repeat_to,
+                    &orders,
+                    tokenizer_threads,
+                    streams,
+                ),
                 Command::Model(ModelCommand::ConvertE5s1 {
                     input,
                     tokenizer,

@@ -391,6 +391,7 @@ async fn writer<S: Sink>(
         // Last operation per id wins, as it would have if applied one by one.
         let mut last: HashMap<Uuid, Option<Point>> = HashMap::new();
         let mut origins = Vec::with_capacity(batch.items.len());
+        let mut rejected = Vec::new();
         let mut stamps = Vec::new();
         for p in batch.items {
             match p.item.op {
@@ -416,24 +417,29 @@ async fn writer<S: Sink>(
                     rejection,
                     key,
                     value,
-                } => {
-                    let mut attempt = 0;
-                    while let Err(e) = dead_letters
-                        .send(&p.item.origin, &rejection, key.as_deref(), value.as_deref())
-                        .await
-                    {
-                        tracing::warn!(error = %e, attempt, "dead-letter delivery failed; retrying");
-                        tokio::time::sleep(backoff(&cfg, attempt)).await;
-                        attempt += 1;
-                    }
-                    metrics
-                        .dead_lettered
-                        .with_label_values(&[rejection.reason])
-                        .inc();
-                }
+                } => rejected.push((p.item.origin.clone(), rejection, key, value)),
             }
             origins.push(p.item.origin);
         }
+        // Dead letters go out all at once (each a broker round trip), alongside the store
+        // write below; completion waits for both.
+        let dead_lettering = futures::future::join_all(rejected.iter().map(
+            |(origin, rejection, key, value)| async {
+                let mut attempt = 0;
+                while let Err(e) = dead_letters
+                    .send(origin, rejection, key.as_deref(), value.as_deref())
+                    .await
+                {
+                    tracing::warn!(error = %e, attempt, "dead-letter delivery failed; retrying");
+                    tokio::time::sleep(backoff(&cfg, attempt)).await;
+                    attempt += 1;
+                }
+                metrics
+                    .dead_lettered
+                    .with_label_values(&[rejection.reason])
+                    .inc();
+            },
+        ));
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
         for (id, op) in last {
@@ -443,7 +449,10 @@ async fn writer<S: Sink>(
             }
         }
         let (n_up, n_del) = (upserts.len(), deletes.len());
-        if n_up + n_del > 0 {
+        let writing = async {
+            if n_up + n_del == 0 {
+                return;
+            }
             let mut attempt = 0;
             loop {
                 match sink.write(upserts.clone(), deletes.clone()).await {
@@ -471,7 +480,8 @@ async fn writer<S: Sink>(
                     }
                 }
             }
-        }
+        };
+        tokio::join!(dead_lettering, writing);
         metrics.upserted.inc_by(n_up as u64);
         metrics.deleted.inc_by(n_del as u64);
         metrics

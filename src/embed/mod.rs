@@ -139,7 +139,18 @@ fn device_for(kind: DeviceKind) -> Result<Device, EmbedError> {
                         .into(),
                 ));
             }
-            Device::new_cuda(0).map_err(EmbedError::Inference)
+            // A stream of its own per loaded model, so that several copies can run side by
+            // side, one batch's kernel launches overlapping another's execution.
+            let device = Device::new_cuda_with_stream(0).map_err(EmbedError::Inference)?;
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(d) = &device {
+                // cudarc records two events per allocation and launch by default, to order
+                // work across streams. Each model copy only ever uses its own stream, so
+                // the events are pure overhead.
+                // SAFETY: no tensor of this device is used from another stream.
+                unsafe { d.disable_event_tracking() };
+            }
+            Ok(device)
         }
     }
 }

@@ -38,6 +38,15 @@ pub const H_CLASS: &str = "streambed.error_class";
 pub const H_TOPIC: &str = "streambed.original_topic";
 pub const H_PARTITION: &str = "streambed.original_partition";
 pub const H_OFFSET: &str = "streambed.original_offset";
+/// Present when the dead letter carries only the start of the original value: the
+/// original length in bytes.
+pub const H_TRUNCATED: &str = "streambed.original_bytes";
+
+/// The most bytes of an original value a dead letter carries. Kafka's default largest
+/// message is 1 MB (librdkafka's `message.max.bytes`, the broker's `message.max.bytes`);
+/// a 10 MB record must still be dead-lettered, so its value is cut and the original length
+/// noted in a header.
+pub const DEAD_LETTER_MAX_VALUE: usize = 512 * 1024;
 
 /// Consumer callbacks: lag from librdkafka statistics, drain-then-commit on revoke.
 pub struct SourceContext {
@@ -185,6 +194,16 @@ pub fn consumer(
     {
         c.set("queued.max.messages.kbytes", "16384");
     }
+    // How long the broker may hold a fetch when no data is there. 500 ms (the default) is
+    // added to the latency of a quiet stream on brokers that hold fetches to the limit
+    // (tansu does); 100 ms costs a few idle fetches per second.
+    if !k
+        .properties
+        .keys()
+        .any(|p| p.replace('_', ".") == "fetch.wait.max.ms")
+    {
+        c.set("fetch.wait.max.ms", "100");
+    }
     let consumer: KafkaConsumer = c.create_with_context(SourceContext {
         tracker,
         metrics,
@@ -296,13 +315,21 @@ impl DeadLetters for KafkaDeadLetters {
                     key: H_OFFSET,
                     value: Some(offset.as_str()),
                 });
+            let original_len = value.map_or(0, <[u8]>::len).to_string();
+            let headers = match value {
+                Some(v) if v.len() > DEAD_LETTER_MAX_VALUE => headers.insert(Header {
+                    key: H_TRUNCATED,
+                    value: Some(original_len.as_str()),
+                }),
+                _ => headers,
+            };
             let mut rec: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.topic).headers(headers);
             if let Some(k) = key {
-                rec = rec.key(k);
+                rec = rec.key(&k[..k.len().min(DEAD_LETTER_MAX_VALUE)]);
             }
             if let Some(v) = value {
-                rec = rec.payload(v);
+                rec = rec.payload(&v[..v.len().min(DEAD_LETTER_MAX_VALUE)]);
             }
             tracing::warn!(reason = rejection.reason, detail = %rejection.detail, topic, partition, offset, "dead-lettered");
             self.producer

@@ -137,24 +137,7 @@ impl Broker {
 
     /// The group's committed offsets for `topic`'s partitions.
     pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
-        let c: BaseConsumer = self.config().set("group.id", group).create().unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition(topic, p);
-        }
-        match c.committed_offsets(tpl, Duration::from_secs(5)) {
-            Ok(t) => t
-                .elements()
-                .iter()
-                .filter_map(|e| {
-                    e.offset()
-                        .to_raw()
-                        .filter(|o| *o >= 0)
-                        .map(|o| (e.partition(), o))
-                })
-                .collect(),
-            Err(_) => HashMap::new(),
-        }
+        committed_at(&self.addr, group, topic, partitions)
     }
 
     /// Waits until the group committed everything up to `ends`.
@@ -174,6 +157,16 @@ impl Broker {
 
     /// Reads `n` records of a topic from the beginning: (key, value, headers).
     pub fn read(&self, topic: &str, n: usize, timeout: Duration) -> Vec<Record> {
+        self.read_until(topic, timeout, |got| got.len() >= n)
+    }
+
+    /// Reads a topic from the beginning until `done` says so or `timeout` passes.
+    pub fn read_until(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        done: impl Fn(&[Record]) -> bool,
+    ) -> Vec<Record> {
         let c: BaseConsumer = self
             .config()
             .set("group.id", unique("reader"))
@@ -185,7 +178,7 @@ impl Broker {
         c.subscribe(&[topic]).unwrap();
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
-        while out.len() < n && Instant::now() < deadline {
+        while !done(&out) && Instant::now() < deadline {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
                 let headers = m
                     .headers()
@@ -219,15 +212,54 @@ impl Drop for Broker {
     }
 }
 
+/// A group's committed offsets for `topic`'s partitions, from the broker at `addr`.
+pub fn committed_at(addr: &str, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    match c.committed_offsets(tpl, Duration::from_secs(5)) {
+        Ok(t) => t
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                e.offset()
+                    .to_raw()
+                    .filter(|o| *o >= 0)
+                    .map(|o| (e.partition(), o))
+            })
+            .collect(),
+        Err(_) => HashMap::new(),
+    }
+}
+
 /// Produces records to the broker at `addr` and returns the end offset per partition. One
 /// message per request: tansu reports watermarks early for multi-message batches.
 pub fn produce_to(addr: &str, topic: &str, records: &[Msg]) -> HashMap<i32, i64> {
-    let producer: FutureProducer = ClientConfig::new()
+    produce_with(addr, topic, records, &[])
+}
+
+/// [`produce_to`] with extra producer properties (e.g. `message.max.bytes`).
+pub fn produce_with(
+    addr: &str,
+    topic: &str,
+    records: &[Msg],
+    properties: &[(&str, &str)],
+) -> HashMap<i32, i64> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", addr)
         .set("batch.num.messages", "1")
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
+        .set("enable.idempotence", "true");
+    for (k, v) in properties {
+        config.set(*k, *v);
+    }
+    let producer: FutureProducer = config.create().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut ends = HashMap::new();
     rt.block_on(async {
@@ -322,8 +354,13 @@ pub fn worker_env(
     group: &str,
     store: &Path,
 ) -> Vec<(String, String)> {
+    worker_env_at(&broker.addr, topic, group, store)
+}
+
+/// [`worker_env`] for any bootstrap address (e.g. librdkafka's mock cluster).
+pub fn worker_env_at(addr: &str, topic: &str, group: &str, store: &Path) -> Vec<(String, String)> {
     [
-        ("STREAMBED__KAFKA__BROKERS", broker.addr.clone()),
+        ("STREAMBED__KAFKA__BROKERS", addr.to_string()),
         ("STREAMBED__KAFKA__TOPICS", topic.to_string()),
         ("STREAMBED__KAFKA__GROUP_ID", group.to_string()),
         (

@@ -154,11 +154,27 @@ pub fn decode(rec: &Record<'_>, cfg: &MessageSettings) -> Decoded {
                 ))
             }
         };
-        let id_value = cfg
+        let id_value = match cfg
             .id_field
             .as_ref()
-            .and_then(|f| obj.get(f))
-            .and_then(id_string);
+            .and_then(|f| obj.get(f).map(|v| (f, v)))
+        {
+            None | Some((_, Value::Null)) => None,
+            Some((f, v)) => match id_string(v) {
+                Some(id) => Some(id),
+                // An empty string is taken as no id: the key (or position) names the point.
+                None if v.as_str() == Some("") => None,
+                None => {
+                    return Decoded::Reject(Rejection::new(
+                        "invalid_id",
+                        format!(
+                            "field {f:?} is {}; ids must be strings or numbers",
+                            type_name(v)
+                        ),
+                    ))
+                }
+            },
+        };
         if cfg.metadata_fields.iter().any(|f| f == "*") {
             for (k, v) in &obj {
                 if k != &cfg.text_field {
@@ -272,6 +288,22 @@ mod tests {
         assert!(
             matches!(d, Decoded::Upsert { id, .. } if id == ids::from_position("events", 2, 7))
         );
+    }
+
+    #[test]
+    fn ids_of_the_wrong_type_are_rejected_null_and_empty_fall_back() {
+        for bad in [r#"{"a": 1}"#, "[1]", "true"] {
+            let body = format!(r#"{{"id": {bad}, "text": "문장"}}"#);
+            assert_eq!(
+                reason(decode(&rec(Some(b"k"), Some(body.as_bytes())), &cfg())),
+                "invalid_id"
+            );
+        }
+        for none in ["null", r#""""#] {
+            let body = format!(r#"{{"id": {none}, "text": "문장"}}"#);
+            let d = decode(&rec(Some(b"k"), Some(body.as_bytes())), &cfg());
+            assert!(matches!(d, Decoded::Upsert { id, .. } if id == ids::from_entity(b"k")));
+        }
     }
 
     #[test]
