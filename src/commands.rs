@@ -209,6 +209,29 @@ pub struct BenchResult {
     pub peak_rss_mb: f64,
 }
 
+impl BenchResult {
+    /// Figures from `sentences` embedded in `total_s` seconds, with one time per batch (ms).
+    fn new(
+        sentences: usize,
+        tokens: usize,
+        total_s: f64,
+        mut batch_ms: Vec<f64>,
+        tokenize_s: f64,
+    ) -> Self {
+        batch_ms.sort_by(f64::total_cmp);
+        Self {
+            sentences,
+            tokens,
+            sent_per_s: sentences as f64 / total_s,
+            tok_per_s: tokens as f64 / total_s,
+            p50_batch_ms: quantile(&batch_ms, 0.5),
+            p99_batch_ms: quantile(&batch_ms, 0.99),
+            tokenize_s,
+            peak_rss_mb: peak_rss_mb(),
+        }
+    }
+}
+
 /// Encoder-only throughput: tokenisation is timed separately, then batches of
 /// `batch_size` sentences are embedded and timed. With `sorted` the whole input is sorted
 /// by length first, as sentence-transformers' `encode` does (the like-for-like
@@ -243,19 +266,14 @@ pub fn bench_encoder(
         m.encoder.embed(b)?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    let total = started.elapsed().as_secs_f64();
-    times.sort_by(f64::total_cmp);
     let tokens: usize = toks.iter().map(Vec::len).sum();
-    Ok(BenchResult {
-        sentences: sentences.len(),
+    Ok(BenchResult::new(
+        sentences.len(),
         tokens,
-        sent_per_s: sentences.len() as f64 / total,
-        tok_per_s: tokens as f64 / total,
-        p50_batch_ms: quantile(&times, 0.5),
-        p99_batch_ms: quantile(&times, 0.99),
+        started.elapsed().as_secs_f64(),
+        times,
         tokenize_s,
-        peak_rss_mb: peak_rss_mb(),
-    })
+    ))
 }
 
 /// Text to vectors with tokenisation overlapped: `threads` tokenizer threads prepare
@@ -337,20 +355,13 @@ pub fn bench_pipelined(
         }
         Ok(())
     })?;
-    let total = started.elapsed().as_secs_f64();
-    let mut times = times.into_inner().expect("times");
-    times.sort_by(f64::total_cmp);
-    let tokens = tokens.into_inner();
-    Ok(BenchResult {
-        sentences: sentences.len(),
-        tokens,
-        sent_per_s: sentences.len() as f64 / total,
-        tok_per_s: tokens as f64 / total,
-        p50_batch_ms: quantile(&times, 0.5),
-        p99_batch_ms: quantile(&times, 0.99),
-        tokenize_s: 0.0,
-        peak_rss_mb: peak_rss_mb(),
-    })
+    Ok(BenchResult::new(
+        sentences.len(),
+        tokens.into_inner(),
+        started.elapsed().as_secs_f64(),
+        times.into_inner().expect("times"),
+        0.0,
+    ))
 }
 
 /// Which measurement `streambed bench` makes.

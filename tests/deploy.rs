@@ -116,3 +116,20 @@ fn names_follow_prometheus_conventions() {
         assert!(counter_like || unit, "{name} has no unit suffix");
     }
 }
+
+/// The images' final stage runs as a non-root user (the last `USER` after the last `FROM`
+/// names neither root nor uid 0).
+#[test]
+fn containers_run_as_non_root() {
+    for file in ["deploy/Dockerfile", "deploy/Dockerfile.cuda"] {
+        let text = read(file);
+        let last_stage = text.rsplit("\nFROM ").next().unwrap();
+        let user = last_stage
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("USER "))
+            .last()
+            .unwrap_or_else(|| panic!("{file}: the final stage sets no USER"));
+        let user = user.split(':').next().unwrap().trim();
+        assert!(user != "root" && user != "0", "{file}: runs as {user}");
+    }
+}
