@@ -126,8 +126,8 @@ fn containers_run_as_non_root() {
         let last_stage = text.rsplit("\nFROM ").next().unwrap();
         let user = last_stage
             .lines()
-            .filter_map(|l| l.trim().strip_prefix("USER "))
-            .last()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("USER "))
             .unwrap_or_else(|| panic!("{file}: the final stage sets no USER"));
         let user = user.split(':').next().unwrap().trim();
         assert!(user != "root" && user != "0", "{file}: runs as {user}");
