@@ -5,6 +5,8 @@
 #   here:  scripts/build-cuda.sh && bench/gpu.sh prepare      (.tools/gpu: ~25 MB to carry)
 #   GPU:   bench/gpu.sh run [OUT_DIR]                          (needs PyTorch +
 #          sentence-transformers, the NVIDIA driver, and CUDA 13 libraries, e.g. PyTorch's)
+#          bench/gpu.sh profile                               (per-kernel GPU time, Nsight
+#          Compute; BERT-base shape, f16, batch 512, warm-up + 3 batches; ~40 s)
 #
 # Real weights do not travel (the GPU machine takes at most 64 MiB), so both models are
 # random-weight copies with the real configuration and tokenizer: klue/bert-base's shape
@@ -82,6 +84,16 @@ PY
       --input $DATA --repeat-to 50000 --dtypes fp32,fp16,bf16 2>/dev/null
   done
   ;;
+profile)
+  W=$(mktemp -d)
+  gunzip -c $GPU/streambed.gz >"$W/streambed" && chmod +x "$W/streambed"
+  cu13=$(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))')
+  export LD_LIBRARY_PATH="$cu13:${LD_LIBRARY_PATH:-}"
+  "$W/streambed" model random-klue --out "$W/klue" --seed 7
+  ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    "$W/streambed" bench --model "$W/klue" --device cuda --dtype f16 --batch-size 512 \
+    --input datasets/korsts/sts-train.tsv --repeat-to 1536 --orders pipelined --tokenizer-threads 4
+  ;;
 *)
-  echo "usage: bench/gpu.sh prepare | run [OUT_DIR]" >&2; exit 2 ;;
+  echo "usage: bench/gpu.sh prepare | run [OUT_DIR] | profile" >&2; exit 2 ;;
 esac
