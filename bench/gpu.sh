@@ -54,7 +54,8 @@ PY
   for m in klue e5; do
     prefix=""; [[ $m == e5 ]] && prefix="query: "
     "$SB" embed --model "$W/$m" --prefix "$prefix" --batch-size 64 <"$W/check.txt" >"$W/$m-cpu.jsonl"
-    for dt in f32 f16; do
+    dts="f32 f16"; [[ -n "${QUICK:-}" ]] && dts="f16"
+    for dt in $dts; do
       "$SB" embed --model "$W/$m" --prefix "$prefix" --device cuda --dtype $dt --batch-size 64 <"$W/check.txt" >"$W/$m-cuda-$dt.jsonl"
       python3 - "$W/$m-cpu.jsonl" "$W/$m-cuda-$dt.jsonl" "$m cuda $dt vs cpu f32" <<'PY'
 import json, sys, numpy as np
@@ -75,6 +76,12 @@ PY
         --streams "$3" --input $DATA --repeat-to 50000 --orders pipelined --tokenizer-threads 8 \
         2>/dev/null | sed "s/^/streambed /"
     }
+    if [[ -n "${QUICK:-}" ]]; then  # QUICK=1: the headline figures only (~2 minutes)
+      run f16 512 1
+      python3 bench/st_bench.py --model "$W/$m" --prefix "$prefix" --device cuda --batch-size 512 \
+        --input $DATA --repeat-to 50000 --dtypes fp32,fp16 2>/dev/null
+      continue
+    fi
     for streams in 1 2 3; do run f16 512 "$streams"; done
     run f16 1024 2
     run f16 128 2

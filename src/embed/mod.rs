@@ -4,6 +4,8 @@
 pub mod bert;
 pub mod config;
 pub mod e5s1;
+#[cfg(feature = "cuda")]
+pub mod fused;
 pub mod hub;
 pub mod ops;
 pub mod random;
