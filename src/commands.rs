@@ -39,6 +39,7 @@ pub enum DtypeArg {
     F32,
     F16,
     Bf16,
+    Int8,
 }
 
 impl ModelArgs {
@@ -52,6 +53,7 @@ impl ModelArgs {
                 DtypeArg::F32 => Precision::F32,
                 DtypeArg::F16 => Precision::F16,
                 DtypeArg::Bf16 => Precision::Bf16,
+                DtypeArg::Int8 => Precision::Int8,
             },
             max_batch: self.batch_size,
         }

@@ -272,7 +272,13 @@ impl Settings {
         if self.model.dtype == Precision::F16 && self.model.device == DeviceKind::Cpu {
             return Err(invalid(
                 "model.dtype",
-                "= \"f16\" needs model.device = \"cuda\"; on CPU use \"f32\" or \"bf16\"",
+                "= \"f16\" needs model.device = \"cuda\"; on CPU use \"f32\", \"int8\" or \"bf16\"",
+            ));
+        }
+        if self.model.dtype == Precision::Int8 && self.model.device != DeviceKind::Cpu {
+            return Err(invalid(
+                "model.dtype",
+                "= \"int8\" is a CPU path; with model.device = \"cuda\" use \"f16\"",
             ));
         }
         if self.kafka.brokers.trim().is_empty() {

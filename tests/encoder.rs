@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use streambed::embed::{self, cosine, Encoder, EncoderOptions, ItemError, LoadedModel};
+use streambed::embed::{self, cosine, Encoder, EncoderOptions, ItemError, LoadedModel, Precision};
 
 fn models() -> PathBuf {
     std::env::var_os("STREAMBED_MODELS")
@@ -13,13 +13,21 @@ fn models() -> PathBuf {
 }
 
 fn load(name: &str, prefix: &str) -> LoadedModel {
+    load_as(name, prefix, Precision::F32)
+}
+
+fn load_as(name: &str, prefix: &str, precision: Precision) -> LoadedModel {
     let dir = models().join(name);
     assert!(
         dir.exists(),
         "{} missing: run scripts/fetch-models.sh",
         dir.display()
     );
-    embed::load_model(dir.to_str().unwrap(), prefix, &EncoderOptions::default()).unwrap()
+    let opts = EncoderOptions {
+        precision,
+        ..EncoderOptions::default()
+    };
+    embed::load_model(dir.to_str().unwrap(), prefix, &opts).unwrap()
 }
 
 fn embed_texts(m: &LoadedModel, texts: &[&str]) -> Vec<Vec<f32>> {
@@ -171,4 +179,55 @@ fn klue_bert_base_shape_768_dims_and_padding_invariance() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max);
     assert!(diff < 1e-3, "max abs difference {diff}");
+}
+
+/// `model.dtype = "int8"`: the int8 linear layers stay close to f32 on Korean inputs of
+/// every kind (past 512 tokens, unspaced, emoji, mixed scripts), padding still changes
+/// nothing, and KLUE-STS dev Spearman moves by less than 0.005 (the bar for a
+/// lower-precision path).
+#[test]
+fn int8_stays_close_to_f32_and_keeps_klue_sts_quality() {
+    let f32m = load_as("multilingual-e5-small", "query: ", Precision::F32);
+    let int8 = load_as("multilingual-e5-small", "query: ", Precision::Int8);
+    let long = "대한민국의 수도는 서울이다. ".repeat(200);
+    let unspaced = "가나다라마바사아자차카타파하".repeat(100);
+    let texts = [
+        "남자가 기타를 치고 있다",
+        "한국어 문장 😀 東京 café",
+        "KLUE-STS 데이터셋으로 evaluation 합니다 🚀🚀",
+        long.as_str(),
+        unspaced.as_str(),
+        "짧다",
+    ];
+    let a = embed_texts(&f32m, &texts);
+    let b = embed_texts(&int8, &texts);
+    let mut worst = 1f32;
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let c = cosine(x, y);
+        assert!(c >= 0.98, "text {i}: int8 vs f32 cosine {c}");
+        worst = worst.min(c);
+    }
+    eprintln!("int8 vs f32: lowest cosine {worst:.5}");
+    let alone = embed_texts(&int8, &["짧다"]).remove(0);
+    let c = cosine(&alone, &b[5]);
+    // Not bit-equal as in f32: the attention matmuls sum in a batch-dependent order, and a
+    // last-bit difference can flip an activation's rounding to the next int8 step.
+    assert!(c > 0.9999, "int8: padding changed the vector: cosine {c}");
+
+    let pairs = streambed::sts::load_pairs(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/klue-sts/klue-sts-v1.1_dev.json"),
+    )
+    .unwrap();
+    let full = streambed::commands::evaluate(&f32m, &pairs, 32).unwrap();
+    let quant = streambed::commands::evaluate(&int8, &pairs, 32).unwrap();
+    eprintln!(
+        "KLUE-STS dev Spearman: f32 {:.4}, int8 {:.4}",
+        full.spearman, quant.spearman
+    );
+    assert!(
+        (full.spearman - quant.spearman).abs() <= 0.005,
+        "int8 moved KLUE-STS dev Spearman from {:.4} to {:.4}",
+        full.spearman,
+        quant.spearman
+    );
 }

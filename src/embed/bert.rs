@@ -32,12 +32,30 @@ impl Activation {
     }
 }
 
+/// A linear layer: candle's, in the model's float type, or our int8 one (CPU only).
+enum Dense {
+    Float(Linear),
+    Int8(super::qlinear::QLinear),
+}
+
+impl Dense {
+    fn new(lin: Linear, int8: bool) -> candle_core::Result<Self> {
+        if !int8 {
+            return Ok(Dense::Float(lin));
+        }
+        let (n, k) = lin.weight().dims2()?;
+        let w = lin.weight().flatten_all()?.to_vec1::<f32>()?;
+        let b = lin.bias().expect("bias loaded").to_vec1::<f32>()?;
+        Ok(Dense::Int8(super::qlinear::QLinear::new(&w, &b, n, k)))
+    }
+}
+
 struct Layer {
-    qkv: Linear,
-    attn_out: Linear,
+    qkv: Dense,
+    attn_out: Dense,
     attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Dense,
+    output: Dense,
     out_norm: LayerNorm,
 }
 
@@ -63,7 +81,11 @@ fn linear(vb: VarBuilder, n_in: usize, n_out: usize) -> candle_core::Result<Line
 /// `lin(x)`. With `fused` (f16 on CUDA) the bias is added by our kernel instead of
 /// candle's broadcast add, which was over half of the GPU time.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-fn linear_bias(lin: &Linear, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+fn linear_bias(lin: &Dense, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+    let lin = match lin {
+        Dense::Int8(q) => return x.apply_op1_no_bwd(q),
+        Dense::Float(lin) => lin,
+    };
     #[cfg(feature = "cuda")]
     if fused {
         let xw = x.matmul(&lin.weight().t()?)?;
@@ -75,11 +97,15 @@ fn linear_bias(lin: &Linear, x: &Tensor, fused: bool) -> candle_core::Result<Ten
 /// `lin(x) + residual`, in one kernel after the matmul when `fused`.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn linear_residual(
-    lin: &Linear,
+    lin: &Dense,
     x: &Tensor,
     residual: &Tensor,
     fused: bool,
 ) -> candle_core::Result<Tensor> {
+    let lin = match lin {
+        Dense::Int8(q) => return x.apply_op1_no_bwd(q)? + residual,
+        Dense::Float(lin) => lin,
+    };
     #[cfg(feature = "cuda")]
     if fused {
         let xw = x.matmul(&lin.weight().t()?)?;
@@ -91,11 +117,15 @@ fn linear_residual(
 /// `act(lin(x))`, with bias and GELU in one kernel after the matmul when `fused`.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn linear_act(
-    lin: &Linear,
+    lin: &Dense,
     x: &Tensor,
     act: Activation,
     fused: bool,
 ) -> candle_core::Result<Tensor> {
+    let lin = match lin {
+        Dense::Int8(q) => return act.apply(&x.apply_op1_no_bwd(q)?),
+        Dense::Float(lin) => lin,
+    };
     #[cfg(feature = "cuda")]
     if fused && matches!(act, Activation::GeluErf) {
         let xw = x.matmul(&lin.weight().t()?)?;
@@ -114,7 +144,8 @@ fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Laye
 }
 
 impl Bert {
-    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
+    /// With `int8`, the linear layers are quantized (CPU only; see `qlinear`).
+    pub fn load(vb: VarBuilder, cfg: &BertConfig, int8: bool) -> candle_core::Result<Self> {
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
             vb.pp("bert")
         } else {
@@ -148,11 +179,17 @@ impl Bert {
                 0,
             )?;
             layers.push(Layer {
-                qkv: Linear::new(w, Some(b)),
-                attn_out: linear(att.pp("output.dense"), h, h)?,
+                qkv: Dense::new(Linear::new(w, Some(b)), int8)?,
+                attn_out: Dense::new(linear(att.pp("output.dense"), h, h)?, int8)?,
                 attn_norm: layer_norm(att.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
-                intermediate: linear(l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
-                output: linear(l.pp("output.dense"), cfg.intermediate_size, h)?,
+                intermediate: Dense::new(
+                    linear(l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
+                    int8,
+                )?,
+                output: Dense::new(
+                    linear(l.pp("output.dense"), cfg.intermediate_size, h)?,
+                    int8,
+                )?,
                 out_norm: layer_norm(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
             });
         }

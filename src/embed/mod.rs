@@ -8,6 +8,7 @@ pub mod e5s1;
 pub mod fused;
 pub mod hub;
 pub mod ops;
+pub mod qlinear;
 pub mod random;
 pub mod tokenize;
 pub mod worker;
@@ -75,6 +76,9 @@ pub enum Precision {
     F32,
     F16,
     Bf16,
+    /// CPU only: int8 linear layers (weights per channel, activations per row), the rest
+    /// f32. Faster; costs a little accuracy (docs/PERFORMANCE.md).
+    Int8,
 }
 
 impl Precision {
@@ -83,6 +87,8 @@ impl Precision {
             Precision::F32 => DType::F32,
             Precision::F16 => DType::F16,
             Precision::Bf16 => DType::BF16,
+            // Loaded as f32, then the linear layers are quantized.
+            Precision::Int8 => DType::F32,
         }
     }
     pub fn as_str(self) -> &'static str {
@@ -90,6 +96,7 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::F16 => "f16",
             Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
         }
     }
 }
@@ -162,7 +169,13 @@ impl BertEncoder {
         let device = device_for(opts.device)?;
         if device.is_cpu() && opts.precision == Precision::F16 {
             return Err(EmbedError::Resolve(
-                "model.dtype = \"f16\" is for GPUs; on CPU use \"f32\" or \"bf16\"".into(),
+                "model.dtype = \"f16\" is for GPUs; on CPU use \"f32\", \"int8\" or \"bf16\""
+                    .into(),
+            ));
+        }
+        if !device.is_cpu() && opts.precision == Precision::Int8 {
+            return Err(EmbedError::Resolve(
+                "model.dtype = \"int8\" is for CPUs; on a GPU use \"f16\"".into(),
             ));
         }
         let dtype = opts.precision.dtype();
@@ -174,10 +187,13 @@ impl BertEncoder {
         } else {
             VarBuilder::from_pth(&spec.weights, dtype, &device)?
         };
-        let model = bert::Bert::load(vb, &spec.bert).map_err(|e| EmbedError::Model {
-            path: spec.weights.clone(),
-            reason: e.to_string(),
-        })?;
+        let model =
+            bert::Bert::load(vb, &spec.bert, opts.precision == Precision::Int8).map_err(|e| {
+                EmbedError::Model {
+                    path: spec.weights.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         Ok(Self {
             model,
             pooling: spec.pooling,
