@@ -14,6 +14,8 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 for m in multilingual-e5-small klue-bert-base-random; do
   prefix=""; [[ $m == multilingual-e5-small ]] && prefix="query: "
   echo "== $m (batch $B, $N sentences)"
-  $BIN bench --model "models/$m" --prefix "$prefix" --input $DATA --batch-size "$B" --limit "$N" 2>/dev/null | sed 's/^/streambed /'
+  for d in f32 int8; do
+    $BIN bench --model "models/$m" --prefix "$prefix" --input $DATA --batch-size "$B" --limit "$N" --dtype $d 2>/dev/null | sed 's/^/streambed /'
+  done
   "$PY" bench/st_bench.py --model "models/$m" --prefix "$prefix" --input $DATA --batch-size "$B" --limit "$N" --bf16 2>/dev/null
 done

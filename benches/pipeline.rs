@@ -4,6 +4,11 @@
 //!
 //!   cargo bench --bench pipeline -- [--messages 5000] [--latency-seconds 20]
 //!                                   [--backlog 200000 --backlog-seconds 60]
+//!                                   [--model multilingual-e5-small] [--prefix "passage: "]
+//!                                   [--dtype f32|int8]
+//!
+//! `--model` names a folder under models/ (scripts/fetch-models.sh); the prefix defaults
+//! to e5's "passage: " for e5 models and to nothing otherwise.
 //!
 //! Prints, one line each:
 //!   encoder   sent/s of `streambed bench` on the same sentences (stream order, batch 32)
@@ -36,6 +41,69 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+fn sarg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// The model under test: folder, prefix and dtype, for the encoder and the worker alike.
+struct ModelChoice {
+    dir: std::path::PathBuf,
+    prefix: String,
+    dtype: String,
+}
+
+impl ModelChoice {
+    fn from_args() -> Self {
+        let name = sarg("--model", "multilingual-e5-small");
+        let dir = models_dir().join(&name);
+        assert!(
+            dir.exists(),
+            "{} missing: run scripts/fetch-models.sh",
+            dir.display()
+        );
+        let default_prefix = if name.contains("e5") { "passage: " } else { "" };
+        Self {
+            dir,
+            prefix: sarg("--prefix", default_prefix),
+            dtype: sarg("--dtype", "f32"),
+        }
+    }
+
+    fn options(&self) -> streambed::embed::EncoderOptions {
+        use streambed::embed::Precision;
+        let precision = match self.dtype.as_str() {
+            "f32" => Precision::F32,
+            "int8" => Precision::Int8,
+            "bf16" => Precision::Bf16,
+            other => panic!("--dtype {other}: use f32, int8 or bf16"),
+        };
+        streambed::embed::EncoderOptions {
+            precision,
+            ..Default::default()
+        }
+    }
+
+    /// The worker's environment with this model in place of the default one.
+    fn apply(&self, env: Vec<(String, String)>) -> Vec<(String, String)> {
+        let mut env: Vec<_> = env
+            .into_iter()
+            .filter(|(k, _)| k != "STREAMBED__MODEL__PATH")
+            .collect();
+        env.push((
+            "STREAMBED__MODEL__PATH".into(),
+            self.dir.to_string_lossy().into_owned(),
+        ));
+        env.push(("STREAMBED__MODEL__PREFIX".into(), self.prefix.clone()));
+        env.push(("STREAMBED__MODEL__DTYPE".into(), self.dtype.clone()));
+        env
+    }
+}
+
 fn messages(n: usize, tag: &str) -> Vec<Msg> {
     let base = korean_sentences(5000);
     (0..n)
@@ -48,8 +116,14 @@ fn messages(n: usize, tag: &str) -> Vec<Msg> {
         .collect()
 }
 
-fn settings(broker: &Broker, topic: &str, store: &std::path::Path) -> Settings {
-    let env = worker_env(broker, topic, &unique("bench"), store)
+fn settings(
+    broker: &Broker,
+    topic: &str,
+    store: &std::path::Path,
+    model: &ModelChoice,
+) -> Settings {
+    let env = model
+        .apply(worker_env(broker, topic, &unique("bench"), store))
         .into_iter()
         .map(|(k, v)| {
             if k == "STREAMBED__METRICS__ADDR" {
@@ -66,6 +140,13 @@ fn main() {
     let latency_seconds = arg("--latency-seconds", 20);
     let backlog = arg("--backlog", 0) as usize;
     let backlog_seconds = arg("--backlog-seconds", 60);
+    let model = ModelChoice::from_args();
+    println!(
+        "model {} prefix={:?} dtype={}",
+        model.dir.display(),
+        model.prefix,
+        model.dtype
+    );
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
     let msgs = messages(n, "bench");
@@ -73,9 +154,9 @@ fn main() {
     // 1. Encoder alone, same sentences, the order a stream delivers them.
     {
         let m = streambed::embed::load_model(
-            e5_model().to_str().unwrap(),
-            "passage: ",
-            &Default::default(),
+            model.dir.to_str().unwrap(),
+            &model.prefix,
+            &model.options(),
         )
         .unwrap();
         let texts: Vec<String> = korean_sentences(5000)
@@ -96,7 +177,7 @@ fn main() {
     let topic = unique("bench");
     broker.create_topic(&topic, 3);
     broker.produce(&topic, &msgs);
-    let s = settings(&broker, &topic, dir.path());
+    let s = settings(&broker, &topic, dir.path(), &model);
     let metrics = Metrics::new();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -224,7 +305,12 @@ fn main() {
         });
         eprintln!("produced {backlog} in {:.0}s", t.elapsed().as_secs_f64());
         let store = tempfile::tempdir().unwrap();
-        let env = worker_env(&broker, &topic, &unique("backlog"), store.path());
+        let env = model.apply(worker_env(
+            &broker,
+            &topic,
+            &unique("backlog"),
+            store.path(),
+        ));
         let mut w = Worker::spawn(&["run"], &env, &store.path().join("worker.log"));
         let pid = w.pid();
         // Steady state from the moment the worker is ready: loading maps the weights file
@@ -261,7 +347,7 @@ fn main() {
         let (peak, hwm) = peak.join().unwrap();
         w.signal(libc::SIGTERM);
         let _ = w.wait(Duration::from_secs(60));
-        let model_mb = std::fs::metadata(e5_model().join("model.safetensors"))
+        let model_mb = std::fs::metadata(model.dir.join("model.safetensors"))
             .unwrap()
             .len() as f64
             / 1048576.0;

@@ -231,3 +231,58 @@ fn int8_stays_close_to_f32_and_keeps_klue_sts_quality() {
         quant.spearman
     );
 }
+
+/// Our compact Unigram model (src/embed/unigram.rs) against the `tokenizers` crate's own,
+/// on the same tokenizer.json: identical ids for every sentence of KorSTS train and dev and
+/// KLUE-STS dev, and for hostile text (unspaced Hangul past 512 tokens, emoji, mixed
+/// scripts, symbols, characters outside the vocabulary). Memory: `cargo run --release
+/// --example load_memory -- models/multilingual-e5-small`.
+#[test]
+fn compact_unigram_matches_the_tokenizers_crate() {
+    let dir = models().join("multilingual-e5-small");
+    let ours = embed::TextTokenizer::load(&dir, 512, "").unwrap();
+    let mut theirs = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    theirs
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: 512,
+            ..Default::default()
+        }))
+        .unwrap();
+    theirs.with_padding(None);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets");
+    let mut texts = Vec::new();
+    for f in [
+        "korsts/sts-train.tsv",
+        "korsts/sts-dev.tsv",
+        "klue-sts/klue-sts-v1.1_dev.json",
+    ] {
+        let pairs = streambed::sts::load_pairs(&root.join(f)).unwrap();
+        texts.extend(streambed::sts::sentences(&pairs));
+    }
+    let hostile = [
+        "가나다라마바사아자차카타파하".repeat(300),
+        "대한민국의수도는서울이고인구는약구백만명이다".repeat(40),
+        "한국어 문장 😀👩‍👩‍👧‍👦 東京 café naïve Ελληνικά العربية 🇰🇷".to_string(),
+        "ㄱㄴㄷ ㅏㅑㅓ 뷁 똠방각하 햏 ꥠꥡ 𠜎𠜱 \u{1F9CC} ⌘⌥ ∮∑ ①②".to_string(),
+        "URL https://example.com/a?b=1&c=한글 e-mail test@example.co.kr #해시태그 @멘션"
+            .to_string(),
+        "  앞뒤   공백   여러 칸  \t탭\n줄바꿈  ".to_string(),
+        "1234567890 ３４５ ＡＢＣ ｶﾀｶﾅ".to_string(),
+    ];
+    texts.extend(hostile.iter().cloned());
+    let mut checked = 0;
+    for t in &texts {
+        let nfc: String = unicode_normalization::UnicodeNormalization::nfc(t.as_str()).collect();
+        let want = theirs
+            .encode(nfc.as_str(), true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let got = ours.tokenize(t).unwrap().ids;
+        assert_eq!(got, want, "different ids for {t:?}");
+        checked += 1;
+    }
+    assert!(checked > 14_000, "{checked} texts");
+
+    eprintln!("{checked} texts: identical ids");
+}

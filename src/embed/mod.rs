@@ -11,6 +11,7 @@ pub mod ops;
 pub mod qlinear;
 pub mod random;
 pub mod tokenize;
+pub mod unigram;
 pub mod worker;
 
 use std::path::PathBuf;

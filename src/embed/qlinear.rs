@@ -113,10 +113,7 @@ impl QLinear {
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "input shape");
         let (qa, sa) = self.quantize_rows(x, m);
-        let mut out = Vec::with_capacity(m * self.n);
-        // SAFETY: f32 has no invalid bit patterns, and the tiles below write every
-        // element (all rows, channels 0..n) before `out` is read.
-        unsafe { out.set_len(m * self.n) };
+        let mut out = vec![0f32; m * self.n];
         let fast = vnni();
         let groups = self.blocks.div_ceil(NB);
         let m_chunks = m.div_ceil(MC).max(1);

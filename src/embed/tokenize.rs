@@ -9,10 +9,24 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{Model, PaddingParams, Tokenizer, TruncationParams};
+use tokenizers::{
+    DecoderWrapper, Model, NormalizerWrapper, PaddingParams, PostProcessorWrapper,
+    PreTokenizerWrapper, TokenizerImpl, TruncationParams,
+};
 use unicode_normalization::UnicodeNormalization;
 
+use super::unigram::TokModel;
 use super::{EmbedError, ItemError};
+
+/// `tokenizers::Tokenizer` with our compact Unigram model in place of the crate's (which
+/// takes ~330 MB for a 250k-piece vocabulary; see `unigram`).
+type Tokenizer = TokenizerImpl<
+    TokModel,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 /// Characters kept before tokenising. A token always covers at least one character, so
 /// cutting far past `max_seq_length` characters never changes the kept tokens, while it
@@ -50,7 +64,11 @@ impl TextTokenizer {
     pub fn load(dir: &Path, max_seq_length: usize, prefix: &str) -> Result<Self, EmbedError> {
         let json = dir.join("tokenizer.json");
         let mut tokenizer = if json.exists() {
-            Tokenizer::from_file(&json).map_err(|e| EmbedError::Model {
+            let text = std::fs::read_to_string(&json).map_err(|e| EmbedError::Model {
+                path: json.clone(),
+                reason: e.to_string(),
+            })?;
+            serde_json::from_str::<Tokenizer>(&text).map_err(|e| EmbedError::Model {
                 path: json.clone(),
                 reason: format!("cannot load tokenizer: {e}"),
             })?
@@ -155,7 +173,7 @@ fn wordpiece_from_vocab(dir: &Path) -> Result<Tokenizer, EmbedError> {
     let cls = id("[CLS]")?;
     let sep = id("[SEP]")?;
     let lowercase = cfg.do_lower_case.unwrap_or(true);
-    let mut tokenizer = Tokenizer::new(wordpiece);
+    let mut tokenizer = Tokenizer::new(TokModel::Crate(Box::new(wordpiece.into())));
     tokenizer.with_normalizer(Some(BertNormalizer::new(
         true,
         cfg.tokenize_chinese_chars.unwrap_or(true),
