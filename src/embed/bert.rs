@@ -285,6 +285,64 @@ impl Bert {
         }
     }
 
+    /// The CPU forward pass without padding: the batch's tokens back to back, attention
+    /// per sentence (`packed`). Returns `(sequences, hidden)` in f32, like
+    /// [`Bert::forward_pooled`] on the same sequences.
+    pub fn forward_packed(&self, seqs: &[&[u32]], pooling: Pooling) -> candle_core::Result<Tensor> {
+        let hidden = self.heads * self.head_dim;
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        for s in seqs {
+            spans.push((ids.len(), s.len()));
+            ids.extend_from_slice(s);
+            pos.extend(0..s.len() as u32);
+        }
+        let tokens = ids.len();
+        let ids = Tensor::from_vec(ids, tokens, &self.device)?;
+        let pos = Tensor::from_vec(pos, tokens, &self.device)?;
+        let x = (self.word.forward(&ids)? + self.position.index_select(&pos, 0)?)?
+            .broadcast_add(&self.token_type0)?;
+        let mut x = self.emb_norm.forward(&x)?;
+        let attention = super::packed::PackedAttention {
+            spans: &spans,
+            heads: self.heads,
+            head_dim: self.head_dim,
+        };
+        for layer in &self.layers {
+            let qkv = linear_bias(&layer.qkv, &x, false)?;
+            let ctx = qkv.apply_op1_no_bwd(&attention)?;
+            let a = linear_residual(&layer.attn_out, &ctx, &x, false)?;
+            x = layer.attn_norm.forward(&a)?;
+            let i = linear_act(&layer.intermediate, &x, self.act, false)?;
+            let o = linear_residual(&layer.output, &i, &x, false)?;
+            x = layer.out_norm.forward(&o)?;
+        }
+        let x = x.to_dtype(DType::F32)?;
+        match pooling {
+            Pooling::Cls => {
+                let first: Vec<u32> = spans.iter().map(|&(off, _)| off as u32).collect();
+                x.index_select(&Tensor::new(first, &self.device)?, 0)
+            }
+            Pooling::Mean => {
+                // (sequences, tokens) with 1/len over each sentence's rows: one matmul.
+                let mut weights = vec![0f32; seqs.len() * tokens];
+                for (i, &(off, len)) in spans.iter().enumerate() {
+                    let w = 1.0 / len.max(1) as f32;
+                    weights[i * tokens + off..i * tokens + off + len].fill(w);
+                }
+                Tensor::from_vec(weights, (seqs.len(), tokens), &self.device)?.matmul(&x)
+            }
+            Pooling::Max => {
+                let rows = spans
+                    .iter()
+                    .map(|&(off, len)| x.narrow(0, off, len)?.max_keepdim(0))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?.reshape((seqs.len(), hidden))
+            }
+        }
+    }
+
     pub fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {
         let norm = x
             .sqr()?

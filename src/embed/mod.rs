@@ -8,6 +8,7 @@ pub mod e5s1;
 pub mod fused;
 pub mod hub;
 pub mod ops;
+pub mod packed;
 pub mod qlinear;
 pub mod random;
 pub mod tokenize;
@@ -204,6 +205,25 @@ impl BertEncoder {
         })
     }
 
+    /// One forward pass: packed (no padding) on the CPU, padded on a GPU, where the
+    /// fused kernels and cuBLAS want rectangular batches.
+    fn run_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if !self.model.device().is_cpu() {
+            return self.run_padded(seqs);
+        }
+        let mut pooled = self.model.forward_packed(seqs, self.pooling)?;
+        if self.normalize {
+            pooled = bert::Bert::normalize(&pooled)?;
+        }
+        Ok(pooled.to_vec2::<f32>()?)
+    }
+
+    /// The padded forward pass (the GPU's) on whatever device the model is on, in input
+    /// order: lets the CPU check it against the packed one.
+    pub fn embed_padded(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.run_padded(seqs)
+    }
+
     fn run_padded(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(seqs.len() * len);
@@ -238,7 +258,7 @@ impl Encoder for BertEncoder {
         let mut out = vec![Vec::new(); batch.len()];
         for chunk in order.chunks(self.max_batch) {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| batch[i]).collect();
-            for (&i, v) in chunk.iter().zip(self.run_padded(&seqs)?) {
+            for (&i, v) in chunk.iter().zip(self.run_batch(&seqs)?) {
                 out[i] = v;
             }
         }
