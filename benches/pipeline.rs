@@ -5,7 +5,7 @@
 //!   cargo bench --bench pipeline -- [--messages 5000] [--latency-seconds 20]
 //!                                   [--backlog 200000 --backlog-seconds 60]
 //!                                   [--model multilingual-e5-small] [--prefix "passage: "]
-//!                                   [--dtype f32|int8]
+//!                                   [--dtype f32|int8] [--threads N]
 //!
 //! `--model` names a folder under models/ (scripts/fetch-models.sh); the prefix defaults
 //! to e5's "passage: " for e5 models and to nothing otherwise.
@@ -55,6 +55,8 @@ struct ModelChoice {
     dir: std::path::PathBuf,
     prefix: String,
     dtype: String,
+    /// `model.threads` for the worker (0: its default, all cores).
+    threads: u64,
 }
 
 impl ModelChoice {
@@ -71,6 +73,7 @@ impl ModelChoice {
             dir,
             prefix: sarg("--prefix", default_prefix),
             dtype: sarg("--dtype", "f32"),
+            threads: arg("--threads", 0),
         }
     }
 
@@ -100,6 +103,7 @@ impl ModelChoice {
         ));
         env.push(("STREAMBED__MODEL__PREFIX".into(), self.prefix.clone()));
         env.push(("STREAMBED__MODEL__DTYPE".into(), self.dtype.clone()));
+        env.push(("STREAMBED__MODEL__THREADS".into(), self.threads.to_string()));
         env
     }
 }
@@ -142,10 +146,11 @@ fn main() {
     let backlog_seconds = arg("--backlog-seconds", 60);
     let model = ModelChoice::from_args();
     println!(
-        "model {} prefix={:?} dtype={}",
+        "model {} prefix={:?} dtype={} worker_threads={}",
         model.dir.display(),
         model.prefix,
-        model.dtype
+        model.dtype,
+        model.threads
     );
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();

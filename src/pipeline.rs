@@ -113,6 +113,8 @@ pub struct PipelineConfig {
 
 struct Prepared {
     item: Item,
+    /// `None`: nothing to embed (a delete or a rejection). The embedder moves the ids out
+    /// and leaves `Some` of an empty vector.
     tokens: Option<Vec<u32>>,
 }
 
@@ -327,11 +329,13 @@ async fn embedder(
         if requests.send(ask).await.is_err() {
             return;
         }
-        let Ok(batch) = answer.await else { return };
+        let Ok(mut batch) = answer.await else { return };
+        // The ids move to the encoder thread; `Some(empty)` stays behind to tell the writer
+        // which items have a vector.
         let seqs: Vec<Vec<u32>> = batch
             .items
-            .iter()
-            .filter_map(|p| p.tokens.clone())
+            .iter_mut()
+            .filter_map(|p| p.tokens.as_mut().map(std::mem::take))
             .collect();
         let vectors = if seqs.is_empty() {
             Vec::new()

@@ -62,23 +62,21 @@ pub struct ModelSettings {
     pub device: DeviceKind,
     pub dtype: Precision,
     pub forward_batch: usize,
-    /// CPU threads for the model; 0 means all cores but one (see `compute_threads`).
+    /// CPU threads for the model; 0 means all cores (see `compute_threads`).
     pub threads: usize,
 }
 
 impl ModelSettings {
-    /// The model's CPU threads. By default one core is left to the Kafka client, the
-    /// tokenizer, the store and the broker: on 2 cores, two model threads made every other
-    /// thread stall the model's barriers, and half-capacity latency was seconds instead of
-    /// ~300 ms (docs/PERFORMANCE.md).
+    /// The model's CPU threads: all cores unless set. Session 2 left one core to the Kafka
+    /// client, tokenizer and store, because two model threads on 2 cores were stalled by
+    /// every other thread; since batches run packed (no padding) the model needs far less
+    /// time per message, and on 2 cores all cores gave both more throughput and the same
+    /// latency (docs/PERFORMANCE.md). `model.threads = N` still pins it.
     pub fn compute_threads(&self) -> usize {
         if self.threads > 0 {
             return self.threads;
         }
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .saturating_sub(1)
-            .max(1)
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 }
 
@@ -466,6 +464,18 @@ mod tests {
             err.contains("kafka.auto_offset_reset") && err.contains("earliest"),
             "{err}"
         );
+        let err = Settings::load_from(
+            None,
+            env(&[
+                ("STREAMBED__MODEL__DEVICE", "cuda"),
+                ("STREAMBED__MODEL__DTYPE", "int8"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("model.dtype") && err.contains("f16"), "{err}");
+        let s = Settings::load_from(None, env(&[("STREAMBED__MODEL__DTYPE", "int8")])).unwrap();
+        assert_eq!(s.model.dtype, Precision::Int8);
     }
 
     #[test]

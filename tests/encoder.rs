@@ -208,6 +208,18 @@ fn int8_stays_close_to_f32_and_keeps_klue_sts_quality() {
         worst = worst.min(c);
     }
     eprintln!("int8 vs f32: lowest cosine {worst:.5}");
+    // all-MiniLM-L6-v2 has full-precision f32 weights (e5's were 4-bit): the reference
+    // pair keeps its similarity, and int8 vectors stay close to f32 ones.
+    let mini32 = load_as("all-minilm-l6-v2", "", Precision::F32);
+    let mini8 = load_as("all-minilm-l6-v2", "", Precision::Int8);
+    let pair = ["A man is eating food.", "A man is eating a piece of bread."];
+    let (x, y) = (embed_texts(&mini32, &pair), embed_texts(&mini8, &pair));
+    let c = cosine(&y[0], &y[1]);
+    assert!((c - 0.7553).abs() < 0.003, "MiniLM int8 reference pair {c}");
+    for (a, b) in x.iter().zip(&y) {
+        assert!(cosine(a, b) >= 0.99, "MiniLM int8 vs f32 {}", cosine(a, b));
+    }
+
     let alone = embed_texts(&int8, &["짧다"]).remove(0);
     let c = cosine(&alone, &b[5]);
     // Not bit-equal as in f32: the attention matmuls sum in a batch-dependent order, and a

@@ -186,24 +186,12 @@ pub fn consumer(
         .set("heartbeat.interval.ms", k.heartbeat_interval_ms.to_string())
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false");
-    // Bound what librdkafka prefetches (default 64 MiB per consumer), unless set by the user.
-    if !k
-        .properties
-        .keys()
-        .any(|p| p.replace('_', ".") == "queued.max.messages.kbytes")
-    {
-        c.set("queued.max.messages.kbytes", "16384");
-    }
+    // Bound what librdkafka prefetches (default 64 MiB per consumer).
+    default_property(&mut c, k, "queued.max.messages.kbytes", "16384");
     // How long the broker may hold a fetch when no data is there. 500 ms (the default) is
     // added to the latency of a quiet stream on brokers that hold fetches to the limit
     // (tansu does); 100 ms costs a few idle fetches per second.
-    if !k
-        .properties
-        .keys()
-        .any(|p| p.replace('_', ".") == "fetch.wait.max.ms")
-    {
-        c.set("fetch.wait.max.ms", "100");
-    }
+    default_property(&mut c, k, "fetch.wait.max.ms", "100");
     let consumer: KafkaConsumer = c.create_with_context(SourceContext {
         tracker,
         metrics,
@@ -495,5 +483,13 @@ fn to_item<M: Message>(m: &M, cfg: &MessageSettings, metrics: &Metrics) -> Item 
         op,
         key: m.key().map(<[u8]>::to_vec),
         timestamp_ms: m.timestamp().to_millis(),
+    }
+}
+
+/// Sets a librdkafka property to our default unless `kafka.properties` sets it (written
+/// with dots or underscores, as the settings allow).
+fn default_property(c: &mut ClientConfig, k: &KafkaSettings, name: &str, value: &str) {
+    if !k.properties.keys().any(|p| p.replace('_', ".") == name) {
+        c.set(name, value);
     }
 }
