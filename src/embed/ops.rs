@@ -61,6 +61,29 @@ pub fn gelu_erf_f32(x: &[f32], out: &mut [f32]) {
     gelu_loop(x, out)
 }
 
+/// An output buffer handed to a thread pool's tasks, each of which writes a disjoint part
+/// of it (the users say which, at each `unsafe` write).
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: only used to hand disjoint parts of one live buffer to the pool's threads.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// The f32 values a CPU custom op reads: its input must be contiguous f32 (our ops are
+/// only applied where the model runs in f32 on the CPU).
+pub(crate) fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = storage else {
+        candle_core::bail!("{op}: f32 input only");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input only");
+    };
+    Ok(&v[start..end])
+}
+
 /// candle op wrapper: f32 on CPU only (callers fall back to candle's own otherwise).
 pub struct FastGelu;
 
@@ -74,13 +97,7 @@ impl CustomOp1 for FastGelu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = storage else {
-            candle_core::bail!("streambed-gelu-erf: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("streambed-gelu-erf: contiguous input only");
-        };
-        let x = &v[start..end];
+        let x = contiguous_f32(self.name(), storage, layout)?;
         let mut out = vec![0f32; x.len()];
         gelu_erf_f32(x, &mut out);
         Ok((CpuStorage::F32(out), layout.shape().clone()))

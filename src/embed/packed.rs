@@ -9,6 +9,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+use super::ops::SendPtr;
+
 /// Self-attention for packed sequences: input `(tokens, 3·hidden)` = [Q | K | V], each
 /// `heads × head_dim`; output `(tokens, hidden)`.
 pub struct PackedAttention<'a> {
@@ -17,11 +19,6 @@ pub struct PackedAttention<'a> {
     pub heads: usize,
     pub head_dim: usize,
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: only used to hand disjoint (rows, head columns) tiles of one buffer to threads.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 impl PackedAttention<'_> {
     pub fn run(&self, qkv: &[f32]) -> Vec<f32> {
@@ -145,12 +142,7 @@ impl CustomOp1 for PackedAttention<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = storage else {
-            candle_core::bail!("streambed-packed-attention: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("streambed-packed-attention: contiguous input only");
-        };
+        let qkv = super::ops::contiguous_f32(self.name(), storage, layout)?;
         let hidden = self.heads * self.head_dim;
         let (tokens, width) = layout.shape().dims2()?;
         if width != 3 * hidden {
@@ -162,7 +154,7 @@ impl CustomOp1 for PackedAttention<'_> {
         if self.spans.iter().map(|s| s.0 + s.1).max().unwrap_or(0) > tokens {
             candle_core::bail!("streambed-packed-attention: spans past {tokens} rows");
         }
-        let out = self.run(&v[start..end]);
+        let out = self.run(qkv);
         Ok((CpuStorage::F32(out), Shape::from((tokens, hidden))))
     }
 }

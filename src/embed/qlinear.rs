@@ -16,6 +16,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+use super::ops::SendPtr;
+
 /// Output channels per packed block: one 512-bit register of i32 sums.
 const NB_COLS: usize = 16;
 /// Rows of the activation per micro-tile (8 rows × 3 blocks = 24 accumulators).
@@ -260,11 +262,6 @@ fn quantize_row_loop(row: &[f32], q: &mut [u8], s: &mut f32) {
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint tiles of one output buffer to the pool's threads.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
 /// Dispatches to the micro-kernel for this tile's shape (`sa.len()` rows ≤ MR, `nb` ≤ NB).
 #[cfg(target_arch = "x86_64")]
 unsafe fn vnni_tile(q: &QLinear, a: *const u8, sa: &[f32], blk0: usize, nb: usize, out: *mut f32) {
@@ -346,12 +343,7 @@ impl CustomOp1 for QLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = storage else {
-            candle_core::bail!("streambed-int8-linear: f32 input only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("streambed-int8-linear: contiguous input only");
-        };
+        let x = super::ops::contiguous_f32(self.name(), storage, layout)?;
         let dims = layout.shape().dims();
         let Some((&k, lead)) = dims.split_last() else {
             candle_core::bail!("streambed-int8-linear: scalar input");
@@ -363,7 +355,7 @@ impl CustomOp1 for QLinear {
             );
         }
         let m: usize = lead.iter().product();
-        let y = self.forward(&v[start..end], m);
+        let y = self.forward(x, m);
         let mut out_dims = lead.to_vec();
         out_dims.push(self.n);
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
