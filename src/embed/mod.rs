@@ -180,6 +180,12 @@ impl BertEncoder {
                 "model.dtype = \"int8\" is for CPUs; on a GPU use \"f16\"".into(),
             ));
         }
+        if opts.precision == Precision::Int8 && !qlinear::fast_path_available() {
+            tracing::warn!(
+                "model.dtype = \"int8\": this processor lacks AVX512-VNNI, so the int8 layers \
+                 run a portable loop that is slower than f32; set model.dtype = \"f32\""
+            );
+        }
         let dtype = opts.precision.dtype();
         let is_safetensors = spec.weights.extension().is_some_and(|e| e == "safetensors");
         let vb = if is_safetensors {
