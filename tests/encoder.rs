@@ -330,3 +330,22 @@ fn packed_and_padded_forward_passes_agree() {
         }
     }
 }
+
+/// bf16 on the CPU: the packed pass is f32 only, so bf16 takes the padded one; the vectors
+/// stay close to f32 ones (an inference error here would stop the worker's pipeline).
+#[test]
+fn bf16_on_cpu_embeds_close_to_f32() {
+    let f32m = load_as("all-minilm-l6-v2", "", Precision::F32);
+    let bf16 = load_as("all-minilm-l6-v2", "", Precision::Bf16);
+    let texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "한국어 문장 😀 東京 café",
+    ];
+    let (a, b) = (embed_texts(&f32m, &texts), embed_texts(&bf16, &texts));
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let c = cosine(x, y);
+        eprintln!("text {i}: bf16 vs f32 cosine {c:.5}");
+        assert!(c >= 0.99, "text {i}: bf16 vs f32 cosine {c}");
+    }
+}

@@ -221,6 +221,28 @@ impl Bert {
         &self.device
     }
 
+    /// Whether [`Bert::forward_packed`] applies: f32 on the CPU (its attention op is ours,
+    /// f32 only).
+    pub fn packs(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
+    }
+
+    /// The part of a layer after attention, shared by the padded and the packed pass:
+    /// output projection + residual, norm, feed-forward + residual, norm.
+    fn finish_layer(
+        &self,
+        layer: &Layer,
+        ctx: &Tensor,
+        x: &Tensor,
+        fused: bool,
+    ) -> candle_core::Result<Tensor> {
+        let a = linear_residual(&layer.attn_out, ctx, x, fused)?;
+        let x = layer.attn_norm.forward(&a)?;
+        let i = linear_act(&layer.intermediate, &x, self.act, fused)?;
+        let o = linear_residual(&layer.output, &i, &x, fused)?;
+        layer.out_norm.forward(&o)
+    }
+
     /// Runs a padded batch and pools it. `ids` and `mask` are `(batch, len)`; `mask` is 1
     /// for real tokens and 0 for padding. Returns `(batch, hidden)` in f32.
     pub fn forward_pooled(
@@ -262,11 +284,7 @@ impl Bert {
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .reshape((b * len, hidden))?;
-            let a = linear_residual(&layer.attn_out, &ctx, &x, fused)?;
-            x = layer.attn_norm.forward(&a)?;
-            let i = linear_act(&layer.intermediate, &x, self.act, fused)?;
-            let o = linear_residual(&layer.output, &i, &x, fused)?;
-            x = layer.out_norm.forward(&o)?;
+            x = self.finish_layer(layer, &ctx, &x, fused)?;
         }
         let x = x.reshape((b, len, hidden))?.to_dtype(DType::F32)?;
         let mask = mask.to_dtype(DType::F32)?;
@@ -285,8 +303,9 @@ impl Bert {
         }
     }
 
-    /// The CPU forward pass without padding: the batch's tokens back to back, attention
-    /// per sentence (`packed`). Returns `(sequences, hidden)` in f32, like
+    /// The CPU forward pass without padding (f32 only, see [`Bert::packs`]): the batch's
+    /// tokens back to back, attention per sentence (`packed`). Returns
+    /// `(sequences, hidden)` in f32, like
     /// [`Bert::forward_pooled`] on the same sequences.
     pub fn forward_packed(&self, seqs: &[&[u32]], pooling: Pooling) -> candle_core::Result<Tensor> {
         let hidden = self.heads * self.head_dim;
@@ -312,13 +331,8 @@ impl Bert {
         for layer in &self.layers {
             let qkv = linear_bias(&layer.qkv, &x, false)?;
             let ctx = qkv.apply_op1_no_bwd(&attention)?;
-            let a = linear_residual(&layer.attn_out, &ctx, &x, false)?;
-            x = layer.attn_norm.forward(&a)?;
-            let i = linear_act(&layer.intermediate, &x, self.act, false)?;
-            let o = linear_residual(&layer.output, &i, &x, false)?;
-            x = layer.out_norm.forward(&o)?;
+            x = self.finish_layer(layer, &ctx, &x, false)?;
         }
-        let x = x.to_dtype(DType::F32)?;
         match pooling {
             Pooling::Cls => {
                 let first: Vec<u32> = spans.iter().map(|&(off, _)| off as u32).collect();

@@ -211,13 +211,18 @@ impl BertEncoder {
         })
     }
 
-    /// One forward pass: packed (no padding) on the CPU, padded on a GPU, where the
-    /// fused kernels and cuBLAS want rectangular batches.
+    /// One forward pass: packed (no padding) where the model can (f32 on the CPU), padded
+    /// otherwise (a GPU, where the fused kernels and cuBLAS want rectangular batches; bf16
+    /// on the CPU, which our f32 attention op does not take).
     fn run_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        if !self.model.device().is_cpu() {
+        if !self.model.packs() {
             return self.run_padded(seqs);
         }
-        let mut pooled = self.model.forward_packed(seqs, self.pooling)?;
+        self.vectors(self.model.forward_packed(seqs, self.pooling)?)
+    }
+
+    /// Pooled `(sequences, hidden)` to vectors, normalised if the folder asks for it.
+    fn vectors(&self, mut pooled: Tensor) -> Result<Vec<Vec<f32>>, EmbedError> {
         if self.normalize {
             pooled = bert::Bert::normalize(&pooled)?;
         }
@@ -243,11 +248,7 @@ impl BertEncoder {
         let device = self.model.device();
         let ids = Tensor::from_vec(ids, (seqs.len(), len), device)?;
         let mask = Tensor::from_vec(mask, (seqs.len(), len), device)?;
-        let mut pooled = self.model.forward_pooled(&ids, &mask, self.pooling)?;
-        if self.normalize {
-            pooled = bert::Bert::normalize(&pooled)?;
-        }
-        Ok(pooled.to_vec2::<f32>()?)
+        self.vectors(self.model.forward_pooled(&ids, &mask, self.pooling)?)
     }
 }
 
