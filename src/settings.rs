@@ -267,17 +267,8 @@ impl Settings {
                 "must be at least 1 (32 is a good CPU value)",
             ));
         }
-        if self.model.dtype == Precision::F16 && self.model.device == DeviceKind::Cpu {
-            return Err(invalid(
-                "model.dtype",
-                "= \"f16\" needs model.device = \"cuda\"; on CPU use \"f32\", \"int8\" or \"bf16\"",
-            ));
-        }
-        if self.model.dtype == Precision::Int8 && self.model.device != DeviceKind::Cpu {
-            return Err(invalid(
-                "model.dtype",
-                "= \"int8\" is a CPU path; with model.device = \"cuda\" use \"f16\"",
-            ));
+        if let Some(why) = self.model.dtype.unsupported_on(self.model.device) {
+            return Err(invalid("model.dtype", why));
         }
         if self.kafka.brokers.trim().is_empty() {
             return Err(invalid(

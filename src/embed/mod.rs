@@ -93,6 +93,20 @@ impl Precision {
             Precision::Int8 => DType::F32,
         }
     }
+    /// Why this float type cannot run on `device`, with the fix; `None` when it can. One
+    /// rule for the settings check (before any work) and the encoder (the CLI's flags).
+    pub fn unsupported_on(self, device: DeviceKind) -> Option<&'static str> {
+        match (self, device) {
+            (Precision::F16, DeviceKind::Cpu) => Some(
+                "= \"f16\" needs model.device = \"cuda\"; on CPU use \"f32\", \"int8\" or \"bf16\"",
+            ),
+            (Precision::Int8, DeviceKind::Cuda) => {
+                Some("= \"int8\" is a CPU path; with model.device = \"cuda\" use \"f16\"")
+            }
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
@@ -168,18 +182,10 @@ fn device_for(kind: DeviceKind) -> Result<Device, EmbedError> {
 
 impl BertEncoder {
     pub fn load(spec: &ModelSpec, opts: &EncoderOptions) -> Result<Self, EmbedError> {
+        if let Some(why) = opts.precision.unsupported_on(opts.device) {
+            return Err(EmbedError::Resolve(format!("model.dtype {why}")));
+        }
         let device = device_for(opts.device)?;
-        if device.is_cpu() && opts.precision == Precision::F16 {
-            return Err(EmbedError::Resolve(
-                "model.dtype = \"f16\" is for GPUs; on CPU use \"f32\", \"int8\" or \"bf16\""
-                    .into(),
-            ));
-        }
-        if !device.is_cpu() && opts.precision == Precision::Int8 {
-            return Err(EmbedError::Resolve(
-                "model.dtype = \"int8\" is for CPUs; on a GPU use \"f16\"".into(),
-            ));
-        }
         if opts.precision == Precision::Int8 && !qlinear::fast_path_available() {
             tracing::warn!(
                 "model.dtype = \"int8\": this processor lacks AVX512-VNNI, so the int8 layers \
