@@ -186,7 +186,7 @@ impl BertEncoder {
             return Err(EmbedError::Resolve(format!("model.dtype {why}")));
         }
         let device = device_for(opts.device)?;
-        if opts.precision == Precision::Int8 && !qlinear::fast_path_available() {
+        if opts.precision == Precision::Int8 && !qlinear::vnni() {
             tracing::warn!(
                 "model.dtype = \"int8\": this processor lacks AVX512-VNNI, so the int8 layers \
                  run a portable loop that is slower than f32; set model.dtype = \"f32\""

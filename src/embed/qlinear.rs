@@ -41,7 +41,8 @@ pub struct QLinear {
     bias: Vec<f32>,
 }
 
-fn vnni() -> bool {
+/// Whether this processor runs the int8 path at full speed (AVX512-VNNI).
+pub fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx512f")
@@ -52,11 +53,6 @@ fn vnni() -> bool {
     {
         false
     }
-}
-
-/// Whether this processor runs the int8 path at full speed.
-pub fn fast_path_available() -> bool {
-    vnni()
 }
 
 impl QLinear {
@@ -100,15 +96,6 @@ impl QLinear {
             colsum,
             bias: padded_bias,
         }
-    }
-
-    pub fn out_features(&self) -> usize {
-        self.n
-    }
-
-    /// Bytes held (the packed weights and per-channel vectors).
-    pub fn bytes(&self) -> usize {
-        self.packed.len() + 12 * self.scale.len()
     }
 
     /// `x` is `(m, k)` row-major; returns `(m, n)`.

@@ -202,10 +202,15 @@ impl Model for CompactUnigram {
 
     fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
         let mut tokens = Vec::new();
-        for (s, e, _) in self.segment(sequence)? {
+        for (s, e, id) in self.segment(sequence)? {
             let text = &sequence[s..e];
-            // As `tokenizers` does, every token string is looked up again: a fused unk run
-            // is unknown unless it happens to spell a piece.
+            if Some(id) != self.unk_id {
+                // A piece: `segment` already found its id (the one `id_of` would return).
+                tokens.push(Token::new(id, text.to_string(), (s, e)));
+                continue;
+            }
+            // As `tokenizers` does, an unk run is looked up again: it is unknown unless it
+            // happens to spell a piece.
             if let Some(id) = self.id_of(text) {
                 tokens.push(Token::new(id, text.to_string(), (s, e)));
                 continue;
