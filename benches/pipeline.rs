@@ -32,15 +32,7 @@ use streambed::settings::Settings;
 use streambed::util::quantile;
 use support::*;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
+/// The value after `name` on the command line, or `default`.
 fn sarg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -48,6 +40,10 @@ fn sarg(name: &str, default: &str) -> String {
         .and_then(|i| args.get(i + 1))
         .cloned()
         .unwrap_or_else(|| default.to_string())
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    sarg(name, "").parse().unwrap_or(default)
 }
 
 /// The model under test: folder, prefix and dtype, for the encoder and the worker alike.
