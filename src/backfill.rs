@@ -21,10 +21,11 @@ use crate::embed::worker::EncoderHandle;
 use crate::ids;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
-use crate::pipeline::{self, Completion, DeadLetters, Item, Op, Origin};
+use crate::pipeline::{self, Completion, DeadLetters, DeliveryError, Item, Op, Origin};
 use crate::run::{load_model, open_sink, pipeline_config};
 use crate::settings::{MessageFormat, MessageSettings, Settings};
 use crate::source::decode::{decode, Decoded, Record, Rejection};
+use crate::source::kafka::blocking_here;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -149,7 +150,8 @@ impl Completion for FileCompletion {
             .fetch_add(origins.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut last = self.last_save.lock().expect("last save");
         if last.elapsed() > Duration::from_millis(500) {
-            if let Err(e) = c.save() {
+            // An fsync'd write: off the async workers, in order (the writer waits for it).
+            if let Err(e) = blocking_here(|| c.save()) {
                 tracing::warn!(error = %e, "could not save the checkpoint");
             }
             *last = Instant::now();
@@ -169,7 +171,7 @@ impl DeadLetters for FileDeadLetters {
         rejection: &'a Rejection,
         _key: Option<&'a [u8]>,
         value: Option<&'a [u8]>,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
         let (file, _, line) = origin.describe();
         let rec = serde_json::json!({
             "file": file,
@@ -178,12 +180,13 @@ impl DeadLetters for FileDeadLetters {
             "error": rejection.detail,
             "value": value.map(|v| String::from_utf8_lossy(v).into_owned()),
         });
-        let r = (|| -> std::io::Result<()> {
+        // An fsync'd append: off the async workers.
+        let r = blocking_here(|| -> std::io::Result<()> {
             let mut f = self.file.lock().expect("dead letter file");
             writeln!(f, "{rec}")?;
             f.sync_data()
-        })()
-        .map_err(|e| e.to_string());
+        })
+        .map_err(|e| DeliveryError::Permanent(format!("writing the dead-letter file failed: {e}")));
         Box::pin(async move { r })
     }
 }
@@ -233,11 +236,7 @@ fn line_item(file: &Arc<str>, line: u64, raw: Vec<u8>, kind: Kind, cfg: &Message
             Op::Upsert { id, text, payload }
         }
         Decoded::Delete { id } => Op::Delete { id },
-        Decoded::Reject(rejection) => Op::Reject {
-            rejection,
-            key: None,
-            value: Some(raw),
-        },
+        Decoded::Reject(rejection) => Op::Reject { rejection },
     };
     Item {
         origin: Origin::File {
@@ -246,6 +245,7 @@ fn line_item(file: &Arc<str>, line: u64, raw: Vec<u8>, kind: Kind, cfg: &Message
         },
         op,
         key: None,
+        value: Some(raw),
         timestamp_ms: None,
     }
 }
@@ -439,25 +439,55 @@ pub async fn backfill(
     };
     tokio::pin!(feed);
     tokio::pin!(shutdown);
-    let complete = tokio::select! {
+    let mut finished = pipe.finished;
+    let mut pipeline_result = None;
+    let mut interrupted = false;
+    let fed = tokio::select! {
         r = &mut feed => r?,
-        _ = &mut shutdown => { let _ = stop_tx.send(true); false }
+        _ = &mut shutdown => { interrupted = true; false }
+        r = &mut finished => { pipeline_result = Some(r); false }
     };
+    // The input was read to its end: the work in flight is finished, however long it takes
+    // (the shutdown deadline is for shutdowns). An interruption, now or during this wait,
+    // gets `shutdown.deadline_ms` to drain.
     let deadline = Duration::from_millis(s.shutdown.deadline_ms);
-    let drained = tokio::time::timeout(deadline, pipe.finished).await.is_ok();
+    if pipeline_result.is_none() && !interrupted {
+        tokio::select! {
+            r = &mut finished => pipeline_result = Some(r),
+            _ = &mut shutdown => interrupted = true,
+        }
+    }
+    if interrupted {
+        let _ = stop_tx.send(true);
+        if pipeline_result.is_none() {
+            pipeline_result = tokio::time::timeout(deadline, &mut finished).await.ok();
+        }
+    }
+    let drained = pipeline_result.is_some();
+    let failure = match pipeline_result {
+        Some(Ok(Err(e))) => Some(anyhow::anyhow!(e)),
+        Some(Err(e)) => Some(anyhow::anyhow!("the pipeline panicked: {e}")),
+        _ => None,
+    };
     {
         let mut cp = completion.checkpoint.lock().expect("checkpoint");
         cp.dirty = true;
-        cp.save().context("saving the checkpoint")?;
+        blocking_here(|| cp.save()).context("saving the checkpoint")?;
     }
     progress.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(
+            e.context("backfill stopped; the checkpoint holds what was finished, rerun to resume")
+        );
+    }
+    let complete = fed && drained && !interrupted;
     Ok(Summary {
         files: n_files,
         lines: completion
             .finished
             .load(std::sync::atomic::Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
-        complete: complete && drained,
+        complete,
     })
 }
 

@@ -3,7 +3,6 @@
 
 pub mod backfill;
 pub mod commands;
-pub mod devserver;
 pub mod embed;
 pub use streambed_decode::ids;
 pub mod metrics;

@@ -79,14 +79,6 @@ enum Command {
         #[arg(long)]
         input: PathBuf,
     },
-    /// A Qdrant-protocol (gRPC) test server backed by the embedded store, for tests and
-    /// demos where no Qdrant server is available. Not for production.
-    QdrantDevServer {
-        #[arg(long, default_value = "127.0.0.1:6334")]
-        listen: std::net::SocketAddr,
-        #[arg(long, default_value = "qdrant-dev-store")]
-        path: PathBuf,
-    },
     /// Embed text lines (or JSON lines with a "text" field) from stdin; one JSON line out each.
     Embed(ModelArgs),
     /// Spearman/Pearson of cosine similarity against gold scores (KLUE-STS .json, KorSTS .tsv).
@@ -180,12 +172,17 @@ async fn shutdown_signal() {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    // Inference has its own thread; these serve Kafka, the store and the metrics server.
-    Ok(tokio::runtime::Builder::new_multi_thread()
+/// Runs `f` on a multi-threaded runtime (inference has its own thread; these serve Kafka,
+/// the store and the metrics server), then shuts the runtime down without waiting on
+/// blocking work that outlived its deadline (a stuck close must not hold the exit).
+fn on_runtime<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
-        .build()?)
+        .build()?;
+    let r = rt.block_on(f);
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    r
 }
 
 fn main() {
@@ -202,7 +199,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let s = a.load()?;
             init_logs(s.log.format);
             tracing::info!(settings = ?s, "starting");
-            runtime()?.block_on(streambed::run::run(s, shutdown_signal()))
+            on_runtime(streambed::run::run(s, shutdown_signal()))
         }
         Command::Backfill {
             settings,
@@ -212,7 +209,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let s = settings.load()?;
             init_logs(s.log.format);
-            let r = runtime()?.block_on(streambed::backfill::backfill(
+            let r = on_runtime(streambed::backfill::backfill(
                 s,
                 &input,
                 &checkpoint,
@@ -239,7 +236,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let s = settings.load()?;
             init_logs(s.log.format);
-            runtime()?.block_on(commands::search(s, &query, top_k))
+            on_runtime(commands::search(s, &query, top_k))
         }
         Command::Produce {
             brokers,
@@ -248,19 +245,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             input,
         } => {
             init_logs(LogFormat::Human);
-            let n = runtime()?.block_on(commands::produce(&brokers, &topic, partitions, &input))?;
+            let n = on_runtime(commands::produce(&brokers, &topic, partitions, &input))?;
             println!("produced={n} topic={topic}");
             Ok(())
-        }
-        Command::QdrantDevServer { listen, path } => {
-            init_logs(LogFormat::Human);
-            runtime()?.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(listen).await?;
-                tracing::info!(addr = %listener.local_addr()?, path = %path.display(), "qdrant test server listening");
-                streambed::devserver::DevServer::new(path)
-                    .serve(listener, shutdown_signal())
-                    .await
-            })
         }
         other => {
             init_logs(LogFormat::Human);
@@ -312,8 +299,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Command::Run(_)
                 | Command::Backfill { .. }
                 | Command::Search { .. }
-                | Command::Produce { .. }
-                | Command::QdrantDevServer { .. } => {
+                | Command::Produce { .. } => {
                     unreachable!("handled above")
                 }
             }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub in_flight: IntGauge,
     pub sink_retries: IntCounter,
+    pub sink_errors: IntCounterVec,
+    pub fenced: IntCounter,
     pub committed_offset: IntGaugeVec,
     pub model_info: GaugeVec,
     pub build_info: GaugeVec,
@@ -50,26 +52,53 @@ pub struct Metrics {
     pub consume_samples: Arc<std::sync::Mutex<Option<Vec<f64>>>>,
 }
 
-/// What `/readyz` checks. Each flag is set by the part that knows.
+/// What `/readyz` checks. Each flag is set by the part that knows: the store's health by
+/// the periodic check, the last write's outcome by the writer (the two are kept apart, so
+/// a successful ping cannot hide failing writes), a stopped pipeline by the stage that died.
 #[derive(Default)]
 pub struct Readiness {
     pub model_loaded: AtomicBool,
     pub source_ready: AtomicBool,
-    pub sink_ok: AtomicBool,
+    /// The periodic health check reached the store and found the collection.
+    pub sink_reachable: AtomicBool,
+    /// The last write failed (cleared by the next successful one).
+    write_failing: AtomicBool,
+    /// Why the pipeline stopped, once it has; never cleared.
+    failed: std::sync::Mutex<Option<String>>,
 }
 
 impl Readiness {
     /// `None` when ready, else the first reason it is not.
-    pub fn reason(&self) -> Option<&'static str> {
-        if !self.model_loaded.load(Ordering::Relaxed) {
-            Some("model not loaded")
+    pub fn reason(&self) -> Option<String> {
+        if let Some(why) = self.failed.lock().expect("readiness").as_ref() {
+            Some(format!("pipeline stopped: {why}"))
+        } else if !self.model_loaded.load(Ordering::Relaxed) {
+            Some("model not loaded".into())
         } else if !self.source_ready.load(Ordering::Relaxed) {
-            Some("no partitions assigned")
-        } else if !self.sink_ok.load(Ordering::Relaxed) {
-            Some("vector store unreachable")
+            Some("no partitions assigned".into())
+        } else if !self.sink_reachable.load(Ordering::Relaxed) {
+            Some("vector store unreachable".into())
+        } else if self.write_failing.load(Ordering::Relaxed) {
+            Some("vector store writes failing".into())
         } else {
             None
         }
+    }
+
+    pub fn set_last_write_ok(&self, ok: bool) {
+        self.write_failing.store(!ok, Ordering::Relaxed);
+    }
+
+    /// Records that the pipeline cannot go on (the first cause is kept).
+    pub fn fail(&self, why: &str) {
+        self.failed
+            .lock()
+            .expect("readiness")
+            .get_or_insert_with(|| why.to_string());
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().expect("readiness").clone()
     }
 }
 
@@ -163,6 +192,19 @@ impl Metrics {
                 "sink_retries_total",
                 "Store writes retried after a transient error"
             )),
+            sink_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("sink_errors_total"),
+                    "Store write errors by class: transient (retried), rejected (points \
+                     isolated and dead-lettered), fatal (the worker stops)"
+                ),
+                &["class"]
+            )
+            .expect("metric")),
+            fenced: reg!(counter(
+                "messages_fenced_total",
+                "Records of a revoked partition left unwritten for its next owner"
+            )),
             committed_offset: reg!(IntGaugeVec::new(
                 Opts::new(
                     name("committed_offset"),
@@ -234,7 +276,7 @@ pub async fn serve(
                         None => (StatusCode::OK, "{\"status\":\"ready\"}".to_string()),
                         Some(r) => (
                             StatusCode::SERVICE_UNAVAILABLE,
-                            format!("{{\"status\":\"not ready\",\"reason\":\"{r}\"}}"),
+                            serde_json::json!({"status": "not ready", "reason": r}).to_string(),
                         ),
                     }
                 }

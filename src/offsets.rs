@@ -22,6 +22,8 @@ struct Partition {
 pub struct OffsetTracker {
     parts: HashMap<Tp, Partition>,
     next_generation: u64,
+    /// Store writes in flight per partition and generation (see [`hold`](Self::hold)).
+    writing: HashMap<(Tp, u64), usize>,
 }
 
 impl OffsetTracker {
@@ -89,6 +91,46 @@ impl OffsetTracker {
         next
     }
 
+    /// The fence against stale writes: for each (partition, generation) of items about to
+    /// be written, whether that generation is still the partition's current one; the
+    /// current ones are counted as being written until [`release`](Self::release). A
+    /// revoke first removes the partition (so later holds fail), then waits for
+    /// [`writing`](Self::writing) to reach 0, so after it returns no item of the old
+    /// assignment reaches the store.
+    pub fn hold(&mut self, items: &[(Tp, u64)]) -> Vec<bool> {
+        items
+            .iter()
+            .map(|(tp, g)| {
+                let owned = self.parts.get(tp).is_some_and(|p| p.generation == *g);
+                if owned {
+                    *self.writing.entry((tp.clone(), *g)).or_insert(0) += 1;
+                }
+                owned
+            })
+            .collect()
+    }
+
+    /// Ends holds taken by [`hold`](Self::hold) (only the owned ones).
+    pub fn release(&mut self, items: &[(Tp, u64)]) {
+        for key in items {
+            if let Some(n) = self.writing.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.writing.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Writes in flight for any generation of this partition.
+    pub fn writing(&self, tp: &Tp) -> usize {
+        self.writing
+            .iter()
+            .filter(|((t, _), _)| t == tp)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
     /// Offsets read but not yet committable on this partition.
     pub fn in_flight(&self, tp: &Tp) -> usize {
         self.parts.get(tp).map_or(0, |p| p.pending.len())
@@ -154,6 +196,26 @@ mod tests {
         assert_eq!(t.in_flight(&tp()), 0);
         assert_eq!(t.complete(&tp(), g, 99), None);
         assert_eq!(t.register_assigned(&("other".into(), 0), 1), None);
+    }
+
+    #[test]
+    fn holds_fence_off_a_revoked_generation() {
+        let mut t = OffsetTracker::new();
+        let g1 = t.assign(&tp());
+        let items = vec![(tp(), g1)];
+        assert_eq!(t.hold(&items), vec![true]);
+        assert_eq!(t.writing(&tp()), 1);
+        t.revoke(&tp());
+        // A write that started before the revoke is still counted (the revoke waits)...
+        assert_eq!(t.writing(&tp()), 1);
+        t.release(&items);
+        assert_eq!(t.writing(&tp()), 0);
+        // ...and none of the old generation starts after it, even once re-assigned.
+        assert_eq!(t.hold(&items), vec![false]);
+        let g2 = t.assign(&tp());
+        assert_eq!(t.hold(&items), vec![false]);
+        assert_eq!(t.hold(&[(tp(), g2)]), vec![true]);
+        assert_eq!(t.writing(&tp()), 1);
     }
 
     #[test]

@@ -71,8 +71,6 @@ pub enum Op {
     },
     Reject {
         rejection: Rejection,
-        key: Option<Vec<u8>>,
-        value: Option<Vec<u8>>,
     },
 }
 
@@ -80,18 +78,68 @@ pub enum Op {
 pub struct Item {
     pub origin: Origin,
     pub op: Op,
-    /// The record's key, kept for the dead letter should the text fail to tokenise.
+    /// The record's key and value as they arrived: whatever stage rejects the item, its
+    /// dead letter carries these, never something derived from them.
     pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
     /// Event time (Kafka timestamp), for end-to-end latency.
     pub timestamp_ms: Option<i64>,
+}
+
+/// Held while a store write (or dead letter) for some origins is in flight; `owned[i]`
+/// says whether origin i still belongs to this worker. A source that fences (Kafka: a
+/// revoked partition) refuses to release a revoke until every hold on its partitions
+/// is dropped, so once a revoke returns no item of the old assignment reaches the store.
+pub struct Hold {
+    pub owned: Vec<bool>,
+    release: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Hold {
+    pub fn all_owned(n: usize) -> Self {
+        Self {
+            owned: vec![true; n],
+            release: None,
+        }
+    }
+
+    pub fn new(owned: Vec<bool>, release: impl FnOnce() + Send + 'static) -> Self {
+        Self {
+            owned,
+            release: Some(Box::new(release)),
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(f) = self.release.take() {
+            f();
+        }
+    }
 }
 
 /// Told when items are finished (written, deleted or dead-lettered).
 pub trait Completion: Send + Sync + 'static {
     fn done(&self, origins: &[Origin]);
+    /// Which of `origins` are still this worker's to write; see [`Hold`]. Files always are.
+    fn hold(&self, origins: &[&Origin]) -> Hold {
+        Hold::all_owned(origins.len())
+    }
 }
 
-/// Receives items that cannot be embedded. `Ok` means durably delivered.
+/// Why a dead letter could not be delivered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeliveryError {
+    /// Worth retrying (broker unreachable, leader moving).
+    #[error("{0}")]
+    Transient(String),
+    /// The destination refuses (not authorised, topic invalid, disk full): stop.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// Receives items that cannot be embedded or stored. `Ok` means durably delivered.
 pub trait DeadLetters: Send + Sync + 'static {
     fn send<'a>(
         &'a self,
@@ -99,7 +147,21 @@ pub trait DeadLetters: Send + Sync + 'static {
         rejection: &'a Rejection,
         key: Option<&'a [u8]>,
         value: Option<&'a [u8]>,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), DeliveryError>>;
+}
+
+/// Why the pipeline stopped before its input ended. The process must not go on (or exit
+/// 0) after one of these: nothing of the failed batch was committed, and it is replayed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PipelineError {
+    #[error("the encoder failed: {0}")]
+    Encoder(String),
+    #[error("the vector store refuses the work: {0}")]
+    Store(String),
+    #[error("dead letters cannot be delivered: {0}")]
+    DeadLetters(String),
+    #[error("pipeline stage {0} panicked: {1}")]
+    Panicked(&'static str, String),
 }
 
 #[derive(Debug, Clone)]
@@ -128,10 +190,11 @@ struct Embedded {
 }
 
 /// A running pipeline: send items into `input`; drop it to drain and stop; `finished`
-/// resolves when the last batch was written and completed.
+/// resolves when the last batch was written and completed, or with the error that
+/// stopped a stage (which also turns `/readyz` to 503 at once).
 pub struct Pipeline {
     pub input: mpsc::Sender<Item>,
-    pub finished: JoinHandle<()>,
+    pub finished: JoinHandle<Result<(), PipelineError>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -156,17 +219,33 @@ pub fn start<S: Sink>(
         metrics.clone(),
     ));
     let embedder = tokio::spawn(embedder(encoder, request_tx, emb_tx, metrics.clone()));
-    let writer = tokio::spawn(writer(cfg, sink, dead_letters, completion, emb_rx, metrics));
+    let writer = tokio::spawn(
+        Writer {
+            cfg,
+            sink,
+            dead_letters,
+            completion,
+            metrics: metrics.clone(),
+        }
+        .run(emb_rx),
+    );
     let finished = tokio::spawn(async move {
+        let mut first_error = None;
         for (name, h) in [
             ("batcher", batcher),
             ("embedder", embedder),
             ("writer", writer),
         ] {
-            if let Err(e) = h.await {
-                tracing::error!(stage = name, error = %e, "pipeline stage failed");
+            let r = match h.await {
+                Ok(r) => r,
+                Err(e) => Err(PipelineError::Panicked(name, e.to_string())),
+            };
+            if let Err(e) = r {
+                metrics.ready.fail(&e.to_string());
+                first_error.get_or_insert(e);
             }
         }
+        first_error.map_or(Ok(()), Err)
     });
     Pipeline { input, finished }
 }
@@ -185,23 +264,15 @@ fn prepare(item: Item, tokenizer: &TextTokenizer, metrics: &Metrics) -> Prepared
                 tokens: Some(t.ids),
             }
         }
-        Err(e) => {
-            let value = match &item.op {
-                Op::Upsert { text, .. } => Some(text.as_bytes().to_vec()),
-                _ => None,
-            };
-            Prepared {
-                item: Item {
-                    op: Op::Reject {
-                        rejection: Rejection::new(e.reason(), e.to_string()),
-                        key: item.key.clone(),
-                        value,
-                    },
-                    ..item
+        Err(e) => Prepared {
+            item: Item {
+                op: Op::Reject {
+                    rejection: Rejection::new(e.reason(), e.to_string()),
                 },
-                tokens: None,
-            }
-        }
+                ..item
+            },
+            tokens: None,
+        },
     }
 }
 
@@ -276,7 +347,7 @@ async fn batcher(
     mut rx: mpsc::Receiver<Item>,
     mut requests: mpsc::Receiver<Request>,
     metrics: Metrics,
-) {
+) -> Result<(), PipelineError> {
     let mut filling = Filling::default();
     let mut waiting: Option<Request> = None;
     let mut input_open = true;
@@ -288,21 +359,26 @@ async fn batcher(
         if !filling.items.is_empty() && (full || !input_open || lingered) {
             if let Some(req) = waiting.take() {
                 if req.send(filling.take(cfg.max_tokens, &metrics)).is_err() {
-                    return;
+                    // The embedder stopped; it reports why.
+                    return Ok(());
                 }
                 continue;
             }
         }
         if !input_open && filling.items.is_empty() && filling.carry.is_none() {
-            return;
+            return Ok(());
         }
         let linger_until = filling.first_at.map(|t| t + cfg.linger);
         tokio::select! {
             biased;
             req = requests.recv(), if waiting.is_none() => match req {
                 Some(r) => waiting = Some(r),
-                None => return,
+                None => return Ok(()),
             },
+            // The embedder gave up its request: it stopped (and reports why).
+            _ = async { waiting.as_mut().expect("guarded").closed().await }, if waiting.is_some() => {
+                return Ok(());
+            }
             item = rx.recv(), if input_open && !full => match item {
                 Some(item) => {
                     let started = Instant::now();
@@ -323,13 +399,20 @@ async fn embedder(
     requests: mpsc::Sender<Request>,
     tx: mpsc::Sender<Embedded>,
     metrics: Metrics,
-) {
+) -> Result<(), PipelineError> {
     loop {
         let (ask, answer) = oneshot::channel();
         if requests.send(ask).await.is_err() {
-            return;
+            return Ok(());
         }
-        let Ok(mut batch) = answer.await else { return };
+        // A writer that stopped closes `tx`: stop too, so the stages before see it.
+        let mut batch = tokio::select! {
+            a = answer => match a {
+                Ok(b) => b,
+                Err(_) => return Ok(()),
+            },
+            _ = tx.closed() => return Ok(()),
+        };
         // The ids move to the encoder thread; `Some(empty)` stays behind to tell the writer
         // which items have a vector.
         let seqs: Vec<Vec<u32>> = batch
@@ -352,9 +435,19 @@ async fn embedder(
                     v
                 }
                 Err(e) => {
-                    // The model itself failed: nothing of this batch may be committed.
+                    // The model itself failed (a model error, out of memory on the device):
+                    // nothing of this batch may be committed, and the worker cannot go on.
+                    // candle's errors carry a backtrace after the message: log the cause once.
+                    let text = e.to_string();
+                    let cause = text
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim_end_matches(':');
+                    let e = PipelineError::Encoder(cause.to_string());
                     tracing::error!(error = %e, "encoder failed; stopping the pipeline");
-                    return;
+                    metrics.ready.fail(&e.to_string());
+                    return Err(e);
                 }
             }
         };
@@ -366,7 +459,7 @@ async fn embedder(
             .await
             .is_err()
         {
-            return;
+            return Ok(());
         }
     }
 }
@@ -381,131 +474,339 @@ fn backoff(cfg: &PipelineConfig, attempt: u32) -> Duration {
     Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
 }
 
-async fn writer<S: Sink>(
+/// What the writer does with one item of a batch.
+enum Action {
+    Upsert(Point),
+    Delete(Uuid),
+    /// Dead-letter it (bad input, or refused by the store).
+    Reject(Rejection),
+    /// A later item of the same batch has the same id: the last operation wins.
+    Superseded,
+    /// Its partition was revoked before it was written: the new owner writes it.
+    Fenced,
+}
+
+struct Entry {
+    origin: Origin,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    timestamp_ms: Option<i64>,
+    action: Action,
+}
+
+/// The last stage: writes a batch's points (split to the store's request limit, the
+/// points a store refuses isolated by bisection and dead-lettered), delivers its dead
+/// letters, then reports completion.
+struct Writer<S> {
     cfg: PipelineConfig,
     sink: Arc<S>,
     dead_letters: Arc<dyn DeadLetters>,
     completion: Arc<dyn Completion>,
-    mut rx: mpsc::Receiver<Embedded>,
     metrics: Metrics,
-) {
-    while let Some(batch) = rx.recv().await {
+}
+
+/// The outcome of one group's write.
+enum GroupWrite {
+    Written,
+    Rejected(Rejection),
+}
+
+impl<S: Sink> Writer<S> {
+    async fn run(self, mut rx: mpsc::Receiver<Embedded>) -> Result<(), PipelineError> {
+        while let Some(batch) = rx.recv().await {
+            if let Err(e) = self.batch(batch).await {
+                tracing::error!(error = %e, "writer stopped; the unfinished batch will be replayed");
+                self.metrics.ready.fail(&e.to_string());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn batch(&self, batch: Embedded) -> Result<(), PipelineError> {
         let started = Instant::now();
-        let mut vectors = batch.vectors.into_iter();
-        // Last operation per id wins, as it would have if applied one by one.
-        let mut last: HashMap<Uuid, Option<Point>> = HashMap::new();
-        let mut origins = Vec::with_capacity(batch.items.len());
-        let mut rejected = Vec::new();
+        let mut entries = self.entries(batch);
+        // Dead letters of bad input go out alongside the store write (each is a broker
+        // round trip); completion waits for both.
+        let bad: Vec<usize> = (0..entries.len())
+            .filter(|&i| matches!(entries[i].action, Action::Reject(_)))
+            .collect();
+        let writes: Vec<usize> = (0..entries.len())
+            .filter(|&i| matches!(entries[i].action, Action::Upsert(_) | Action::Delete(_)))
+            .collect();
+        let (dead, stored) = tokio::join!(
+            self.dead_letter(&entries, &bad),
+            self.store(&entries, writes)
+        );
+        dead?;
+        let (refused, fenced) = stored?;
+        for i in &fenced {
+            entries[*i].action = Action::Fenced;
+        }
+        let mut refused_idx = Vec::with_capacity(refused.len());
+        for (i, rejection) in refused {
+            entries[i].action = Action::Reject(rejection);
+            refused_idx.push(i);
+        }
+        // Points the store refused are dead-lettered before their offsets move.
+        self.dead_letter(&entries, &refused_idx).await?;
+
+        let (mut n_up, mut n_del) = (0u64, 0u64);
         let mut stamps = Vec::new();
-        for p in batch.items {
-            match p.item.op {
-                Op::Upsert { id, payload, .. } if p.tokens.is_some() => {
-                    let vector = vectors.next().expect("one vector per tokenised item");
-                    last.insert(
-                        id,
-                        Some(Point {
-                            id,
-                            vector,
-                            payload,
-                        }),
-                    );
-                    if let Some(ts) = p.item.timestamp_ms {
-                        stamps.push(ts);
-                    }
+        for e in &entries {
+            match &e.action {
+                Action::Upsert(_) => {
+                    n_up += 1;
+                    stamps.extend(e.timestamp_ms);
                 }
-                Op::Upsert { .. } => unreachable!("untokenised upserts become rejections"),
-                Op::Delete { id } => {
-                    last.insert(id, None);
-                }
-                Op::Reject {
-                    rejection,
-                    key,
-                    value,
-                } => rejected.push((p.item.origin.clone(), rejection, key, value)),
-            }
-            origins.push(p.item.origin);
-        }
-        // Dead letters go out all at once (each a broker round trip), alongside the store
-        // write below; completion waits for both.
-        let dead_lettering = futures::future::join_all(rejected.iter().map(
-            |(origin, rejection, key, value)| async {
-                let mut attempt = 0;
-                while let Err(e) = dead_letters
-                    .send(origin, rejection, key.as_deref(), value.as_deref())
-                    .await
-                {
-                    tracing::warn!(error = %e, attempt, "dead-letter delivery failed; retrying");
-                    tokio::time::sleep(backoff(&cfg, attempt)).await;
-                    attempt += 1;
-                }
-                metrics
-                    .dead_lettered
-                    .with_label_values(&[rejection.reason])
-                    .inc();
-            },
-        ));
-        let mut upserts = Vec::new();
-        let mut deletes = Vec::new();
-        for (id, op) in last {
-            match op {
-                Some(p) => upserts.push(p),
-                None => deletes.push(id),
+                Action::Delete(_) => n_del += 1,
+                _ => {}
             }
         }
-        let (n_up, n_del) = (upserts.len(), deletes.len());
-        let writing = async {
-            if n_up + n_del == 0 {
-                return;
-            }
-            let mut attempt = 0;
-            loop {
-                match sink.write(upserts.clone(), deletes.clone()).await {
-                    Ok(()) => {
-                        metrics
-                            .ready
-                            .sink_ok
-                            .store(true, std::sync::atomic::Ordering::Relaxed);
-                        break;
-                    }
-                    Err(e) => {
-                        metrics
-                            .ready
-                            .sink_ok
-                            .store(false, std::sync::atomic::Ordering::Relaxed);
-                        metrics.sink_retries.inc();
-                        let level_permanent = matches!(e, SinkError::Permanent(_));
-                        if level_permanent {
-                            tracing::error!(error = %e, attempt, "store refused the write; retrying, nothing is committed meanwhile");
-                        } else {
-                            tracing::warn!(error = %e, attempt, "store write failed; retrying");
-                        }
-                        tokio::time::sleep(backoff(&cfg, attempt)).await;
-                        attempt += 1;
-                    }
-                }
-            }
-        };
-        tokio::join!(dead_lettering, writing);
-        metrics.upserted.inc_by(n_up as u64);
-        metrics.deleted.inc_by(n_del as u64);
-        metrics
+        self.metrics.upserted.inc_by(n_up);
+        self.metrics.deleted.inc_by(n_del);
+        self.metrics
             .stage_seconds
             .with_label_values(&["upsert"])
             .observe(started.elapsed().as_secs_f64());
+        self.observe_latency(stamps);
+        let origins: Vec<Origin> = entries
+            .into_iter()
+            .filter(|e| !matches!(e.action, Action::Fenced))
+            .map(|e| e.origin)
+            .collect();
+        self.completion.done(&origins);
+        Ok(())
+    }
+
+    /// One entry per item; of several operations on one id, only the last is applied.
+    fn entries(&self, batch: Embedded) -> Vec<Entry> {
+        let mut vectors = batch.vectors.into_iter();
+        let mut last: HashMap<Uuid, usize> = HashMap::new();
+        let mut entries = Vec::with_capacity(batch.items.len());
+        for p in batch.items {
+            let action = match p.item.op {
+                Op::Upsert { id, payload, .. } if p.tokens.is_some() => {
+                    let vector = vectors.next().expect("one vector per tokenised item");
+                    Action::Upsert(Point {
+                        id,
+                        vector,
+                        payload,
+                    })
+                }
+                Op::Upsert { .. } => unreachable!("untokenised upserts become rejections"),
+                Op::Delete { id } => Action::Delete(id),
+                Op::Reject { rejection } => Action::Reject(rejection),
+            };
+            let id = match &action {
+                Action::Upsert(p) => Some(p.id),
+                Action::Delete(id) => Some(*id),
+                _ => None,
+            };
+            if let Some(id) = id {
+                if let Some(earlier) = last.insert(id, entries.len()) {
+                    let e: &mut Entry = &mut entries[earlier];
+                    e.action = Action::Superseded;
+                }
+            }
+            entries.push(Entry {
+                origin: p.item.origin,
+                key: p.item.key,
+                value: p.item.value,
+                timestamp_ms: p.item.timestamp_ms,
+                action,
+            });
+        }
+        entries
+    }
+
+    /// Dead-letters `which` entries (all `Action::Reject`) concurrently, each retried while
+    /// the failure is transient; a permanent failure stops the pipeline.
+    async fn dead_letter(&self, entries: &[Entry], which: &[usize]) -> Result<(), PipelineError> {
+        if which.is_empty() {
+            return Ok(());
+        }
+        let origins: Vec<&Origin> = which.iter().map(|&i| &entries[i].origin).collect();
+        // Held while sending: a revoked partition's bad records are the new owner's to report.
+        let hold = self.completion.hold(&origins);
+        let sends = which
+            .iter()
+            .zip(&hold.owned)
+            .filter(|(_, owned)| **owned)
+            .map(|(&i, _)| async move {
+                let e = &entries[i];
+                let Action::Reject(rejection) = &e.action else {
+                    unreachable!("only rejections are dead-lettered")
+                };
+                let mut attempt = 0;
+                loop {
+                    match self
+                        .dead_letters
+                        .send(&e.origin, rejection, e.key.as_deref(), e.value.as_deref())
+                        .await
+                    {
+                        Ok(()) => break,
+                        Err(DeliveryError::Permanent(m)) => {
+                            return Err(PipelineError::DeadLetters(m));
+                        }
+                        Err(DeliveryError::Transient(m)) => {
+                            tracing::warn!(error = %m, attempt, "dead-letter delivery failed; retrying");
+                            tokio::time::sleep(backoff(&self.cfg, attempt)).await;
+                            attempt += 1;
+                        }
+                    }
+                }
+                self.metrics
+                    .dead_lettered
+                    .with_label_values(&[rejection.reason])
+                    .inc();
+                Ok(())
+            });
+        let results = futures::future::join_all(sends).await;
+        drop(hold);
+        results.into_iter().collect()
+    }
+
+    /// Writes the entries `which` (upserts and deletes). Returns the entries the store
+    /// refused, each with the reason, and those fenced off by a revoke. A refused group is
+    /// halved until the points at fault are alone, so one bad point costs about
+    /// 2·log2(batch) extra requests and every other point is written.
+    #[allow(clippy::type_complexity)]
+    async fn store(
+        &self,
+        entries: &[Entry],
+        which: Vec<usize>,
+    ) -> Result<(Vec<(usize, Rejection)>, Vec<usize>), PipelineError> {
+        let mut refused = Vec::new();
+        let mut fenced = Vec::new();
+        let mut todo = vec![which];
+        while let Some(group) = todo.pop() {
+            if group.is_empty() {
+                continue;
+            }
+            match self.write_group(entries, &group, &mut fenced).await? {
+                GroupWrite::Written => {}
+                GroupWrite::Rejected(r) if group.len() == 1 => {
+                    self.confirm_rejection(entries, group[0], &r).await?;
+                    refused.push((group[0], r));
+                }
+                GroupWrite::Rejected(r) => {
+                    tracing::warn!(points = group.len(), error = %r.detail, "store refused a write; isolating the points at fault");
+                    let mut a = group;
+                    let b = a.split_off(a.len() / 2);
+                    todo.push(b);
+                    todo.push(a);
+                }
+            }
+        }
+        Ok((refused, fenced))
+    }
+
+    /// Before a point is dead-lettered for a refusal, make sure the refusal is about the
+    /// point and not about the collection (one of another shape created after start
+    /// refuses every point, and must stop the worker rather than empty the stream into the
+    /// dead-letter topic).
+    async fn confirm_rejection(
+        &self,
+        entries: &[Entry],
+        i: usize,
+        r: &Rejection,
+    ) -> Result<(), PipelineError> {
+        if let Action::Upsert(p) = &entries[i].action {
+            loop {
+                match self.sink.ensure_collection(p.vector.len()).await {
+                    Ok(()) => break,
+                    Err(SinkError::Transient(_)) => {
+                        tokio::time::sleep(self.cfg.retry_initial).await;
+                    }
+                    Err(e) => return Err(PipelineError::Store(e.to_string())),
+                }
+            }
+        }
+        tracing::warn!(reason = r.reason, error = %r.detail, "the store refused a point; dead-lettering it");
+        Ok(())
+    }
+
+    /// One group's write, retried while the store is unavailable. Items whose partition was
+    /// revoked meanwhile are left out (and added to `fenced`).
+    async fn write_group(
+        &self,
+        entries: &[Entry],
+        group: &[usize],
+        fenced: &mut Vec<usize>,
+    ) -> Result<GroupWrite, PipelineError> {
+        let mut attempt = 0;
+        loop {
+            let origins: Vec<&Origin> = group.iter().map(|&i| &entries[i].origin).collect();
+            let hold = self.completion.hold(&origins);
+            let mut upserts = Vec::new();
+            let mut deletes = Vec::new();
+            for (&i, &owned) in group.iter().zip(&hold.owned) {
+                if !owned {
+                    if !fenced.contains(&i) {
+                        fenced.push(i);
+                    }
+                    continue;
+                }
+                match &entries[i].action {
+                    Action::Upsert(p) => upserts.push(p.clone()),
+                    Action::Delete(id) => deletes.push(*id),
+                    _ => unreachable!("only upserts and deletes are written"),
+                }
+            }
+            if upserts.is_empty() && deletes.is_empty() {
+                return Ok(GroupWrite::Written);
+            }
+            let result = self.sink.write(upserts, deletes).await;
+            drop(hold);
+            let ready = &self.metrics.ready;
+            match result {
+                Ok(()) => {
+                    ready.set_last_write_ok(true);
+                    return Ok(GroupWrite::Written);
+                }
+                Err(SinkError::Rejected { reason, detail }) => {
+                    // The store answered; it is up, these points are the problem.
+                    ready.set_last_write_ok(true);
+                    self.metrics
+                        .sink_errors
+                        .with_label_values(&["rejected"])
+                        .inc();
+                    return Ok(GroupWrite::Rejected(Rejection::new(reason, detail)));
+                }
+                Err(SinkError::Permanent(m)) => {
+                    ready.set_last_write_ok(false);
+                    self.metrics.sink_errors.with_label_values(&["fatal"]).inc();
+                    return Err(PipelineError::Store(m));
+                }
+                Err(SinkError::Transient(m)) => {
+                    ready.set_last_write_ok(false);
+                    self.metrics
+                        .sink_errors
+                        .with_label_values(&["transient"])
+                        .inc();
+                    self.metrics.sink_retries.inc();
+                    tracing::warn!(error = %m, attempt, "store write failed; retrying, nothing is committed meanwhile");
+                    tokio::time::sleep(backoff(&self.cfg, attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn observe_latency(&self, stamps: Vec<i64>) {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        let mut samples = metrics.latency_samples.lock().expect("samples");
+        let mut samples = self.metrics.latency_samples.lock().expect("samples");
         for ts in stamps {
             let seconds = ((now_ms - ts).max(0)) as f64 / 1000.0;
-            metrics.end_to_end_seconds.observe(seconds);
+            self.metrics.end_to_end_seconds.observe(seconds);
             if let Some(s) = samples.as_mut() {
                 s.push(seconds);
             }
         }
-        drop(samples);
-        completion.done(&origins);
     }
 }
 
@@ -526,18 +827,30 @@ mod tests {
         }
     }
 
-    /// Fails the first `fail` writes, then records what it is given.
+    /// Fails the first `fail` writes, then records what it is given; refuses any write
+    /// holding a point whose vector's first value is `poison`, or everything when `fatal`.
     #[derive(Default)]
     struct FakeSink {
         fail: Mutex<usize>,
         points: Mutex<HashMap<Uuid, Point>>,
         writes: Mutex<usize>,
+        poison: Option<f32>,
+        fatal: bool,
     }
     impl Sink for FakeSink {
         async fn ensure_collection(&self, _: usize) -> Result<(), SinkError> {
             Ok(())
         }
         async fn write(&self, up: Vec<Point>, del: Vec<Uuid>) -> Result<(), SinkError> {
+            if self.fatal {
+                return Err(SinkError::Permanent("bad api key".into()));
+            }
+            if up.iter().any(|p| Some(p.vector[0]) == self.poison) {
+                return Err(SinkError::Rejected {
+                    reason: "store_rejected",
+                    detail: "payload too deep".into(),
+                });
+            }
             {
                 let mut f = self.fail.lock().unwrap();
                 if *f > 0 {
@@ -580,17 +893,46 @@ mod tests {
         }
     }
     #[derive(Default)]
-    struct DeadList(Mutex<Vec<&'static str>>);
+    struct DeadList(Mutex<Vec<&'static str>>, Mutex<Vec<Option<Vec<u8>>>>);
     impl DeadLetters for DeadList {
         fn send<'a>(
             &'a self,
             _: &'a Origin,
             r: &'a Rejection,
             _: Option<&'a [u8]>,
-            _: Option<&'a [u8]>,
-        ) -> BoxFuture<'a, Result<(), String>> {
+            v: Option<&'a [u8]>,
+        ) -> BoxFuture<'a, Result<(), DeliveryError>> {
             self.0.lock().unwrap().push(r.reason);
+            self.1.lock().unwrap().push(v.map(<[u8]>::to_vec));
             Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// Completion that fences one offset off, as a revoked partition would be.
+    struct Fencing {
+        record: Arc<Record>,
+        fenced_offset: i64,
+    }
+    impl Completion for Fencing {
+        fn done(&self, origins: &[Origin]) {
+            self.record.done(origins)
+        }
+        fn hold(&self, origins: &[&Origin]) -> Hold {
+            let owned = origins
+                .iter()
+                .map(|o| o.describe().2 != self.fenced_offset)
+                .collect();
+            Hold::new(owned, || {})
+        }
+    }
+
+    struct FailingEncoder;
+    impl Encoder for FailingEncoder {
+        fn dim(&self) -> usize {
+            2
+        }
+        fn embed(&self, _: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+            Err(EmbedError::Stopped)
         }
     }
 
@@ -615,6 +957,7 @@ mod tests {
             },
             op,
             key: None,
+            value: Some(format!("original-{offset}").into_bytes()),
             timestamp_ms: None,
         }
     }
@@ -681,7 +1024,7 @@ mod tests {
             .unwrap();
         p.input.send(item(4, upsert(4, "안녕"))).await.unwrap();
         drop(p.input);
-        p.finished.await.unwrap();
+        p.finished.await.unwrap().unwrap();
         let points = sink.points.lock().unwrap();
         assert!(
             !points.contains_key(&Uuid::from_u128(1)),
@@ -690,6 +1033,8 @@ mod tests {
         assert!(points.contains_key(&Uuid::from_u128(2)));
         assert!(points.contains_key(&Uuid::from_u128(4)));
         assert_eq!(*dead.0.lock().unwrap(), vec!["empty_text"]);
+        // The dead letter carries the record's original value, not the extracted text.
+        assert_eq!(*dead.1.lock().unwrap(), vec![Some(b"original-2".to_vec())]);
         assert_eq!(*done.0.lock().unwrap(), vec![0, 1, 2, 3, 4]);
         assert_eq!(
             *sink.fail.lock().unwrap(),
@@ -747,5 +1092,146 @@ mod tests {
         // 4 close at max_items; the fifth waits for linger, then goes alone.
         wait_for("all five", || done.0.lock().unwrap().len() == 5).await;
         assert_eq!(*sink.writes.lock().unwrap(), 2);
+    }
+
+    fn start_with(
+        encoder: impl Encoder,
+        sink: Arc<FakeSink>,
+        dead: Arc<DeadList>,
+        completion: Arc<dyn Completion>,
+        metrics: Metrics,
+    ) -> Pipeline {
+        start(
+            cfg(),
+            tokenizer(),
+            EncoderHandle::spawn(encoder, 1),
+            sink,
+            dead,
+            completion,
+            metrics,
+        )
+    }
+
+    #[tokio::test]
+    async fn an_encoder_failure_stops_the_pipeline_with_an_error_and_commits_nothing() {
+        let done = Arc::new(Record::default());
+        let metrics = Metrics::new();
+        metrics
+            .ready
+            .model_loaded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let p = start_with(
+            FailingEncoder,
+            Arc::new(FakeSink::default()),
+            Arc::new(DeadList::default()),
+            done.clone(),
+            metrics.clone(),
+        );
+        p.input.send(item(0, upsert(1, "안녕"))).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), p.finished)
+            .await
+            .expect("the pipeline ends by itself")
+            .unwrap();
+        assert!(matches!(r, Err(PipelineError::Encoder(_))), "{r:?}");
+        assert!(done.0.lock().unwrap().is_empty());
+        let reason = metrics.ready.reason().expect("not ready");
+        assert!(reason.contains("encoder"), "{reason}");
+        // The reader sees the pipeline closed and stops too.
+        assert!(p.input.send(item(1, upsert(2, "안녕"))).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refused_point_is_isolated_and_dead_lettered_the_rest_written() {
+        // "안녕 안녕 안녕" is [CLS] + 3 + [SEP] = 5 ids, "안녕" 3: only the first is refused.
+        let sink = Arc::new(FakeSink {
+            poison: Some(5.0),
+            ..Default::default()
+        });
+        let done = Arc::new(Record::default());
+        let dead = Arc::new(DeadList::default());
+        let p = start_with(
+            LenEncoder,
+            sink.clone(),
+            dead.clone(),
+            done.clone(),
+            Metrics::new(),
+        );
+        p.input.send(item(0, upsert(1, "안녕"))).await.unwrap();
+        p.input
+            .send(item(1, upsert(2, "안녕 안녕 안녕")))
+            .await
+            .unwrap();
+        p.input.send(item(2, upsert(3, "안녕"))).await.unwrap();
+        p.input.send(item(3, upsert(4, "안녕"))).await.unwrap();
+        drop(p.input);
+        p.finished.await.unwrap().unwrap();
+        let points = sink.points.lock().unwrap();
+        assert_eq!(points.len(), 3);
+        assert!(!points.contains_key(&Uuid::from_u128(2)));
+        assert_eq!(*dead.0.lock().unwrap(), vec!["store_rejected"]);
+        assert_eq!(*dead.1.lock().unwrap(), vec![Some(b"original-1".to_vec())]);
+        assert_eq!(*done.0.lock().unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_store_error_stops_instead_of_retrying_for_ever() {
+        let sink = Arc::new(FakeSink {
+            fatal: true,
+            ..Default::default()
+        });
+        let done = Arc::new(Record::default());
+        let metrics = Metrics::new();
+        let p = start_with(
+            LenEncoder,
+            sink,
+            Arc::new(DeadList::default()),
+            done.clone(),
+            metrics.clone(),
+        );
+        p.input.send(item(0, upsert(1, "안녕"))).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), p.finished)
+            .await
+            .expect("no endless retry")
+            .unwrap();
+        assert!(
+            matches!(r, Err(PipelineError::Store(ref m)) if m.contains("api key")),
+            "{r:?}"
+        );
+        assert!(done.0.lock().unwrap().is_empty());
+        // The input stays open (a reader still holds it): the pipeline ended anyway, and
+        // the reader finds it closed.
+        assert!(p.input.send(item(1, upsert(2, "안녕"))).await.is_err());
+        assert_eq!(metrics.sink_errors.with_label_values(&["fatal"]).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn fenced_items_are_neither_written_nor_completed() {
+        let sink = Arc::new(FakeSink::default());
+        let record = Arc::new(Record::default());
+        let p = start_with(
+            LenEncoder,
+            sink.clone(),
+            Arc::new(DeadList::default()),
+            Arc::new(Fencing {
+                record: record.clone(),
+                fenced_offset: 1,
+            }),
+            Metrics::new(),
+        );
+        for i in 0..3 {
+            p.input
+                .send(item(i, upsert(i as u128, "안녕")))
+                .await
+                .unwrap();
+        }
+        drop(p.input);
+        p.finished.await.unwrap().unwrap();
+        let points = sink.points.lock().unwrap();
+        assert!(points.contains_key(&Uuid::from_u128(0)));
+        assert!(
+            !points.contains_key(&Uuid::from_u128(1)),
+            "fenced item written"
+        );
+        assert_eq!(*record.0.lock().unwrap(), vec![0, 2]);
     }
 }

@@ -73,6 +73,7 @@ pub async fn open_sink(
         match sink.ensure_collection(dim).await {
             Ok(()) => return Ok(sink),
             Err(SinkError::Permanent(e)) => anyhow::bail!(e),
+            Err(e @ SinkError::Rejected { .. }) => anyhow::bail!(e),
             Err(SinkError::Transient(e)) => {
                 tracing::warn!(error = %e, "vector store not reachable yet; retrying");
                 tokio::select! {
@@ -85,14 +86,23 @@ pub async fn open_sink(
     }
 }
 
-/// Keeps `sink_ok` current for `/readyz` while nothing is being written.
-fn watch_sink(sink: Arc<AnySink>, metrics: Metrics, mut stop: watch::Receiver<bool>) {
+/// Keeps `sink_reachable` current for `/readyz` (the writer reports its own outcomes
+/// separately, so a good ping cannot hide failing writes).
+pub fn watch_sink(sink: Arc<AnySink>, metrics: Metrics, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
+        let mut was_ok = true;
         loop {
-            let ok = tokio::time::timeout(Duration::from_secs(2), sink.ping())
-                .await
-                .is_ok_and(|r| r.is_ok());
-            metrics.ready.sink_ok.store(ok, Ordering::Relaxed);
+            let r = tokio::time::timeout(Duration::from_secs(2), sink.ping()).await;
+            let ok = matches!(r, Ok(Ok(())));
+            if ok != was_ok {
+                match r {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "vector store health check failed"),
+                    Err(_) => tracing::warn!("vector store health check timed out"),
+                    Ok(Ok(())) => tracing::info!("vector store healthy again"),
+                }
+                was_ok = ok;
+            }
+            metrics.ready.sink_reachable.store(ok, Ordering::Relaxed);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 _ = stop.changed() => return,
@@ -148,7 +158,7 @@ pub async fn run_with_metrics(
             _ = &mut shutdown => return Ok(()),
         }
     };
-    metrics.ready.sink_ok.store(true, Ordering::Relaxed);
+    metrics.ready.sink_reachable.store(true, Ordering::Relaxed);
     watch_sink(sink.clone(), metrics.clone(), stop_rx.clone());
 
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
@@ -156,7 +166,7 @@ pub async fn run_with_metrics(
     let consumer = kafka::consumer(&s.kafka, tracker.clone(), metrics.clone(), drain)
         .context("kafka: the consumer could not be created")?;
     let producer = kafka::producer(&s.kafka).context("kafka: the producer could not be created")?;
-    let pipe = pipeline::start(
+    let mut pipe = pipeline::start(
         pipeline_config(&s),
         model.tokenizer,
         encoder,
@@ -181,33 +191,93 @@ pub async fn run_with_metrics(
         stop_rx.clone(),
     ));
     tracing::info!(topics = ?s.kafka.topics, group = %s.kafka.group_id, "consuming");
+    // Whatever ends the run first: a shutdown request, the reader stopping (a fatal Kafka
+    // error, or the pipeline closed under it), or a pipeline stage dying.
+    let mut failure: Option<anyhow::Error> = None;
+    let mut pipeline_result = None;
+    let mut reader_done = false;
     tokio::select! {
         _ = &mut shutdown => tracing::info!("shutdown requested: draining"),
-        r = &mut reader => tracing::warn!(result = ?r, "reader stopped"),
+        r = &mut reader => {
+            reader_done = true;
+            match r {
+                Ok(Ok(())) => tracing::warn!("reader stopped"),
+                Ok(Err(e)) => failure = Some(anyhow::anyhow!(e)),
+                Err(e) => failure = Some(anyhow::anyhow!("the Kafka reader panicked: {e}")),
+            }
+        }
+        r = &mut pipe.finished => pipeline_result = Some(r),
     }
+    if let Some(why) = &failure {
+        metrics.ready.fail(&why.to_string());
+    }
+    // One deadline for the whole shutdown: drain, final commit, leaving the group.
+    let deadline = tokio::time::Instant::now() + drain;
+    consumer
+        .context()
+        .set_shutdown_deadline(deadline.into_std());
     let _ = stop_tx.send(true);
-    let finished = pipe.finished;
-    let drained = tokio::time::timeout(drain, async move {
-        let _ = reader.await;
-        let _ = finished.await;
+    let drained = tokio::time::timeout_at(deadline, async {
+        if !reader_done {
+            let _ = (&mut reader).await;
+        }
+        if pipeline_result.is_none() {
+            pipeline_result = Some((&mut pipe.finished).await);
+        }
     })
     .await
     .is_ok();
+    match pipeline_result {
+        Some(Ok(Ok(()))) | None => {}
+        Some(Ok(Err(e))) => {
+            failure.get_or_insert(anyhow::anyhow!(e));
+        }
+        Some(Err(e)) => {
+            failure.get_or_insert(anyhow::anyhow!("the pipeline panicked: {e}"));
+        }
+    }
+    if let Some(why) = &failure {
+        tracing::error!(error = %why, "the worker cannot go on; finished work is committed, the rest will be replayed");
+    }
+    let in_flight = tracker.lock().map(|t| t.total_in_flight()).unwrap_or(0);
     if !drained {
         tracing::warn!(
             deadline_ms = s.shutdown.deadline_ms,
+            in_flight,
             "drain deadline passed; unfinished work will be replayed"
         );
     }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("final offsets committed"),
-        Err(e) => tracing::info!(error = %e, "final commit (nothing new to commit is normal)"),
-    }
-    consumer.unsubscribe();
+    // The final commit and leaving the group block (and leaving runs the revoke callback,
+    // bounded by the same deadline); they run off the async workers.
+    let closing = {
+        let consumer = consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => tracing::info!("final offsets committed"),
+                Err(e) => {
+                    tracing::info!(error = %e, "final commit (nothing new to commit is normal)")
+                }
+            }
+            consumer.unsubscribe();
+        })
+    };
     drop(consumer);
+    let closed = tokio::time::timeout_at(deadline + Duration::from_millis(500), closing)
+        .await
+        .is_ok();
     tracing::info!(
         in_flight = tracker.lock().map(|t| t.total_in_flight()).unwrap_or(0),
         "stopped"
     );
+    if let Some(why) = failure {
+        return Err(why);
+    }
+    if !drained || !closed {
+        anyhow::bail!(
+            "shutdown.deadline_ms = {} passed before the drain and final commit finished; \
+             {in_flight} unfinished records will be replayed (raise shutdown.deadline_ms)",
+            s.shutdown.deadline_ms
+        );
+    }
     Ok(())
 }

@@ -94,10 +94,26 @@ pub struct KafkaSettings {
     pub properties: BTreeMap<String, String>,
 }
 
-/// librdkafka properties whose values are secret.
+/// Words that make a property's value secret, matched anywhere in the key.
+const SECRET_WORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "key",
+    "token",
+    "jaas",
+    "oauthbearer.config",
+    "credential",
+    "auth",
+];
+
+/// librdkafka properties whose values are secret. One rule for every spelling: the key is
+/// lower-cased and `_` read as `.` (the environment spelling of `ssl.key.pem` is
+/// `ssl_key_pem`) before matching. Redacting a harmless value (`ssl.key.location`) costs
+/// nothing; missing a secret leaks it.
 pub fn is_secret_property(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") || k.contains("jaas")
+    let k = key.to_ascii_lowercase().replace('_', ".");
+    SECRET_WORDS.iter().any(|w| k.contains(w))
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -159,6 +175,8 @@ pub struct QdrantSettings {
     pub collection: String,
     pub api_key: Secret,
     pub timeout_ms: u64,
+    /// The largest gRPC request sent (upserts are split to fit).
+    pub max_request_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -371,6 +389,12 @@ impl Settings {
                 if self.qdrant.collection.is_empty() {
                     return Err(invalid("qdrant.collection", "is empty"));
                 }
+                if self.qdrant.max_request_bytes < 64 * 1024 {
+                    return Err(invalid(
+                        "qdrant.max_request_bytes",
+                        "must be at least 65536; 4194304 (gRPC's usual 4 MiB limit) is the default",
+                    ));
+                }
             }
             SinkKind::Embedded => {
                 if self.embedded.path.is_empty() {
@@ -467,6 +491,39 @@ mod tests {
         assert!(err.contains("model.dtype") && err.contains("f16"), "{err}");
         let s = Settings::load_from(None, env(&[("STREAMBED__MODEL__DTYPE", "int8")])).unwrap();
         assert_eq!(s.model.dtype, Precision::Int8);
+    }
+
+    #[test]
+    fn every_spelling_of_a_secret_property_is_redacted() {
+        let secrets = [
+            ("SSL_KEY_PEM", "-----BEGIN PRIVATE KEY-----hunter2"),
+            ("SSL_KEY_PASSWORD", "hunter2"),
+            ("SASL_PASSWORD", "hunter2"),
+            ("SASL_OAUTHBEARER_CONFIG", "principal=x hunter2"),
+            ("SASL_OAUTHBEARER_CLIENT_SECRET", "hunter2"),
+            ("SASL_JAAS_CONFIG", "org.apache...hunter2"),
+            ("SSL_KEYSTORE_PASSWORD", "hunter2"),
+            ("SASL_OAUTHBEARER_TOKEN", "hunter2"),
+            ("SSL_CERTIFICATE_PEM_CREDENTIALS", "hunter2"),
+        ];
+        for (name, value) in secrets {
+            let var = format!("STREAMBED__KAFKA__PROPERTIES__{name}");
+            let s = Settings::load_from(None, env(&[(var.as_str(), value)])).unwrap();
+            let dbg = format!("{s:?}");
+            assert!(!dbg.contains("hunter2"), "{name} leaked: {dbg}");
+            let dotted = name.to_ascii_lowercase().replace('_', ".");
+            assert!(is_secret_property(&dotted), "{dotted}");
+        }
+        // Settings that are not secret stay visible for debugging.
+        let s = Settings::load_from(
+            None,
+            env(&[(
+                "STREAMBED__KAFKA__PROPERTIES__SECURITY_PROTOCOL",
+                "SASL_SSL",
+            )]),
+        )
+        .unwrap();
+        assert!(format!("{s:?}").contains("SASL_SSL"));
     }
 
     #[test]

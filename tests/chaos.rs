@@ -114,6 +114,7 @@ fn sigkill_ten_times_while_streaming_loses_and_duplicates_nothing() {
     let committed = |b: &Broker| -> i64 { b.committed(&group, &topic, 3).values().sum() };
 
     let mut progress = Vec::new();
+    let mut exits = Vec::new();
     for k in 0..kills {
         let log = dir.path().join(format!("worker-{k}.log"));
         let mut w = Worker::spawn(&["run"], &env, &log);
@@ -121,7 +122,16 @@ fn sigkill_ten_times_while_streaming_loses_and_duplicates_nothing() {
         // until its session times out, 6 s) to full speed.
         let life = Duration::from_millis(rng.random_range(4_000..26_000));
         std::thread::sleep(life);
-        w.kill9();
+        // The restart happened and the worker was still running when killed (it did not
+        // exit by itself, cleanly or not); it dies of the signal, with no exit code.
+        assert!(
+            w.running(),
+            "worker {k} exited before its kill; log:\n{}",
+            w.log_text()
+        );
+        let code = w.kill9();
+        assert_eq!(code, None, "worker {k} died of SIGKILL");
+        exits.push(code);
         let c = committed(&broker);
         eprintln!(
             "chaos: kill {}/{kills} after {:.1} s, committed {c}",
@@ -130,6 +140,11 @@ fn sigkill_ten_times_while_streaming_loses_and_duplicates_nothing() {
         );
         progress.push(c);
     }
+    assert_eq!(
+        exits.len(),
+        kills,
+        "every planned restart and kill happened"
+    );
     let ends = producer.join().expect("producer thread");
     let produced: i64 = ends.values().sum();
     assert_eq!(produced as usize, n, "every message produced");
@@ -144,6 +159,7 @@ fn sigkill_ten_times_while_streaming_loses_and_duplicates_nothing() {
     let mut last = Worker::spawn(&["run"], &env, &dir.path().join("worker-final.log"));
     broker.wait_committed(&group, &topic, &ends, Duration::from_secs(1800));
     let dead_lettered_metric = last.metric("streambed_messages_dead_lettered_total");
+    // stop() asserts exit code 0 after SIGTERM.
     last.stop();
     let elapsed = started.elapsed();
 
@@ -286,7 +302,10 @@ fn broker_down_and_back_loses_and_duplicates_nothing() {
     wait_until(
         "progress before the outage",
         Duration::from_secs(120),
-        || w.metric("streambed_points_upserted_total") >= 200.0,
+        || {
+            w.metric_opt("streambed_points_upserted_total")
+                .is_some_and(|v| v >= 200.0)
+        },
     );
     cluster.broker_down(-1).unwrap();
     let down_at = w.metric("streambed_points_upserted_total");
@@ -339,7 +358,7 @@ fn workers_joining_and_leaving_every_few_seconds_lose_nothing() {
         mock.create_topic(&topic, 3, 1).unwrap();
         mock.bootstrap_servers()
     };
-    let mut q = QdrantUnderTest::start(dir.path());
+    let q = QdrantUnderTest::start(dir.path());
     let collection = unique("c");
     let n: usize = env_or("CHURN_MESSAGES", 4000);
     let msgs = korean_json(n, "u");
@@ -361,9 +380,7 @@ fn workers_joining_and_leaving_every_few_seconds_lose_nothing() {
     };
     let env = |name: &str| {
         let mut e = worker_env_at(&addr, &topic, &group, &dir.path().join(name));
-        e.push(("STREAMBED__SINK__KIND".into(), "qdrant".into()));
-        e.push(("STREAMBED__QDRANT__URL".into(), q.url.clone()));
-        e.push(("STREAMBED__QDRANT__COLLECTION".into(), collection.clone()));
+        e.extend(q.worker_env(&collection));
         e
     };
     let mut running: Vec<Worker> = Vec::new();
@@ -386,7 +403,12 @@ fn workers_joining_and_leaving_every_few_seconds_lose_nothing() {
             let mut w = running.swap_remove(i);
             // Every third departure is a crash.
             if (leaves + kills) % 3 == 2 {
-                w.kill9();
+                assert!(
+                    w.running(),
+                    "worker exited before its kill; log:\n{}",
+                    w.log_text()
+                );
+                assert_eq!(w.kill9(), None, "died of SIGKILL");
                 kills += 1;
             } else {
                 w.stop();
@@ -425,10 +447,10 @@ fn workers_joining_and_leaving_every_few_seconds_lose_nothing() {
         "churn: broker={} seed={seed} messages={n} joins={joins} graceful_leaves={leaves} sigkills={kills}",
         if on_tansu { "tansu" } else { "librdkafka-mock" }
     );
-    if q.real {
-        return;
-    }
-    q.down();
+    assert!(
+        joins >= 3 && leaves >= 1 && kills >= 1,
+        "the churn happened: {joins} joins, {leaves} leaves, {kills} kills"
+    );
     let points = q.read_collection(&collection, 384);
     assert_eq!(
         points.keys().cloned().collect::<HashSet<_>>(),

@@ -145,6 +145,30 @@ fn corpus() -> Vec<(&'static str, Option<Vec<u8>>, Expect)> {
         ),
         ("json-array", raw(r#"[1, 2, 3]"#), Embedded),
         (
+            "invisible-only",
+            Some(json(
+                serde_json::json!({"id": "invisible-only", "text": "\u{200b}\u{3164}\u{feff}\u{200d}"}),
+            )),
+            Dead("empty_text"),
+        ),
+        // One SentencePiece piece after the e5 prefix: valid, never "empty".
+        (
+            "one-word-ko",
+            raw(r#"{"id": "one-word-ko", "text": "서울"}"#),
+            Embedded,
+        ),
+        (
+            "one-word-latin",
+            raw(r#"{"id": "one-word-latin", "text": "Kafka"}"#),
+            Embedded,
+        ),
+        (
+            "one-word-number",
+            raw(r#"{"id": "one-word-number", "text": "2024"}"#),
+            Embedded,
+        ),
+        ("one-syllable", Some("가".as_bytes().to_vec()), Embedded),
+        (
             "truncated-json",
             raw(r#"{"id": "truncated-json", "text": "끝나지"#),
             Dead("invalid_json"),

@@ -19,6 +19,7 @@ fn settings(url: &str, collection: &str) -> QdrantSettings {
         collection: collection.to_string(),
         api_key: Secret::default(),
         timeout_ms: 5000,
+        max_request_bytes: 4 * 1024 * 1024,
     }
 }
 
@@ -48,7 +49,11 @@ async fn qdrant_sink_round_trip_over_grpc() {
     .await
     .unwrap();
     let collection = unique("c");
-    let sink = QdrantSink::connect(&settings(&q.url, &collection)).unwrap();
+    let mut cfg = settings(&q.url, &collection);
+    if let Some(k) = &q.api_key {
+        cfg.api_key = serde_json::from_value(json!(k)).unwrap();
+    }
+    let sink = QdrantSink::connect(&cfg).unwrap();
     sink.ping().await.unwrap();
     sink.ensure_collection(8).await.unwrap();
     sink.ensure_collection(8).await.unwrap(); // idempotent
@@ -92,7 +97,7 @@ async fn qdrant_sink_round_trip_over_grpc() {
     );
 
     // The same collection for a model of another dimension is refused with the fix.
-    match QdrantSink::connect(&settings(&q.url, &collection))
+    match QdrantSink::connect(&cfg)
         .unwrap()
         .ensure_collection(768)
         .await
@@ -106,14 +111,15 @@ async fn qdrant_sink_round_trip_over_grpc() {
 }
 
 /// The store goes away mid-stream and comes back: nothing is committed past what is
-/// stored meanwhile, /readyz says not ready, and the worker recovers on its own.
+/// stored meanwhile, /readyz says not ready, memory stays bounded while a backlog far larger
+/// than librdkafka's prefetch limit (16 MiB) waits, and the worker recovers on its own.
 #[test]
 fn worker_survives_a_qdrant_outage() {
     let _g = heavy();
     let dir = tempfile::tempdir().unwrap();
     let mut q = QdrantUnderTest::start(dir.path());
     if q.real {
-        eprintln!("QDRANT_URL is set: the outage test needs the restartable test server; skipped");
+        eprintln!("QDRANT_URL is set: the outage needs the restartable test server (a real Qdrant is not killed by tests); skipped");
         return;
     }
     let broker = Broker::start();
@@ -121,7 +127,10 @@ fn worker_survives_a_qdrant_outage() {
     let group = unique("group");
     let collection = unique("c");
     broker.create_topic(&topic, 3);
-    let sentences = korean_sentences(4000);
+    // ~12 KB per message (a pad field the worker does not keep): 6000 of them are a
+    // 70 MB backlog, four times the prefetch bound.
+    let pad = "가".repeat(4000);
+    let sentences = korean_sentences(6000);
     let msgs: Vec<Msg> = sentences
         .iter()
         .enumerate()
@@ -129,30 +138,41 @@ fn worker_survives_a_qdrant_outage() {
             let id = format!("q-{i}");
             (
                 Some(id.clone().into_bytes()),
-                Some(json!({"id": id, "text": s}).to_string().into_bytes()),
+                Some(
+                    json!({"id": id, "text": s, "pad": pad})
+                        .to_string()
+                        .into_bytes(),
+                ),
             )
         })
         .collect();
     let mut ends = broker.produce(&topic, &msgs[..800]);
 
     let mut env = worker_env(&broker, &topic, &group, &dir.path().join("unused"));
-    env.push(("STREAMBED__SINK__KIND".into(), "qdrant".into()));
-    env.push(("STREAMBED__QDRANT__URL".into(), q.url.clone()));
-    env.push(("STREAMBED__QDRANT__COLLECTION".into(), collection.clone()));
+    env.extend(q.worker_env(&collection));
     env.push(("STREAMBED__SINK__RETRY_MAX_MS".into(), "1000".into()));
     let mut worker = Worker::spawn(&["run"], &env, &dir.path().join("worker.log"));
     wait_until(
         "progress before the outage",
         Duration::from_secs(120),
-        || worker.metric("streambed_points_upserted_total") >= 200.0,
+        || {
+            worker
+                .metric_opt("streambed_points_upserted_total")
+                .is_some_and(|v| v >= 200.0)
+        },
     );
 
     q.down();
     let outage_started = std::time::Instant::now();
-    let stored_at_outage = q.read_collection(&collection, 384).len();
+    let stored_at_outage = q.read_offline(&collection, 384).len();
     for (p, end) in broker.produce(&topic, &msgs[800..]) {
         ends.insert(p, end);
     }
+    let backlog_mb = msgs[800..]
+        .iter()
+        .map(|(_, v)| v.as_ref().map_or(0, Vec::len))
+        .sum::<usize>() as f64
+        / 1e6;
     wait_until(
         "/readyz to report the outage",
         Duration::from_secs(30),
@@ -187,26 +207,217 @@ fn worker_survives_a_qdrant_outage() {
             "not ready during the outage"
         );
     }
+    let consumed = worker.metric("streambed_messages_consumed_total");
     eprintln!(
-        "outage: {:.0} s, rss at first retry {rss_start:.0} MB, max {rss_max:.0} MB, stored before {stored_at_outage}, \
-         retries {}",
+        "outage: {:.0} s, backlog {backlog_mb:.0} MB, rss at first retry {rss_start:.0} MB, max {rss_max:.0} MB, \
+         stored before {stored_at_outage}, consumed {consumed}, retries {}",
         outage_started.elapsed().as_secs_f64(),
         worker.metric("streambed_sink_retries_total")
     );
     assert!(
-        rss_max - rss_start < 100.0,
-        "memory stays bounded during the outage: {rss_start:.0} MB -> {rss_max:.0} MB"
+        consumed < msgs.len() as f64,
+        "the reader stopped taking records while the store was down ({consumed} of {})",
+        msgs.len()
+    );
+    assert!(
+        rss_max - rss_start < 60.0,
+        "memory stays bounded during the outage with a {backlog_mb:.0} MB backlog: {rss_start:.0} MB -> {rss_max:.0} MB"
     );
 
     q.up();
-    broker.wait_committed(&group, &topic, &ends, Duration::from_secs(240));
-    assert_eq!(worker.http("/readyz").map(|r| r.0), Some(200));
+    broker.wait_committed(&group, &topic, &ends, Duration::from_secs(300));
+    wait_until(
+        "/readyz 200 after recovery",
+        Duration::from_secs(10),
+        || worker.http("/readyz").map(|r| r.0) == Some(200),
+    );
     worker.stop();
-    q.down();
     let points = q.read_collection(&collection, 384);
     assert_eq!(
         points.len(),
         msgs.len(),
         "every message stored once after recovery"
     );
+}
+
+/// 64 messages of ~900 KB of Korean text each, in one partition, through a Qdrant-protocol
+/// server that refuses requests over 4 MiB (as gRPC proxies do): the worker splits its
+/// upserts to fit, so every message is stored, and the partition moves on in bounded time.
+/// Then the same with the worker told a limit larger than the path allows: the refusals
+/// are isolated by bisection and everything is still written.
+#[test]
+fn big_batches_are_split_to_the_request_limit_and_never_stall() {
+    let _g = heavy();
+    let Scenario {
+        broker,
+        topic,
+        group,
+        dir,
+    } = Scenario::new(1);
+    let q = QdrantUnderTest::start_with(dir.path(), 4 * 1024 * 1024, None);
+    let sentences = korean_sentences(400);
+    let msgs: Vec<Msg> = (0..64)
+        .map(|i| {
+            // ~300k Hangul syllables and spaces: ~900 KB of UTF-8.
+            let mut text = String::new();
+            let mut k = i;
+            while text.len() < 900_000 {
+                text.push_str(&sentences[k % sentences.len()]);
+                text.push(' ');
+                k += 1;
+            }
+            let id = format!("big-{i}");
+            (
+                Some(id.clone().into_bytes()),
+                Some(json!({"id": id, "text": text}).to_string().into_bytes()),
+            )
+        })
+        .collect();
+    let ends = support::produce_with(
+        &broker.addr,
+        &topic,
+        &msgs,
+        &[("message.max.bytes", "2000000")],
+    );
+    for (phase, limit) in [("fits", "4194304"), ("too-big", "16777216")] {
+        let collection = unique(phase);
+        let group = format!("{group}-{phase}");
+        let mut env = worker_env(&broker, &topic, &group, &dir.path().join("unused"));
+        env.extend(q.worker_env(&collection));
+        env.push(("STREAMBED__QDRANT__MAX_REQUEST_BYTES".into(), limit.into()));
+        env.push(("STREAMBED__BATCH__MAX_ITEMS".into(), "64".into()));
+        env.push(("STREAMBED__BATCH__MAX_TOKENS".into(), "65536".into()));
+        let started = std::time::Instant::now();
+        let mut w = Worker::spawn(&["run"], &env, &dir.path().join(format!("{phase}.log")));
+        broker.wait_committed(&group, &topic, &ends, Duration::from_secs(300));
+        let took = started.elapsed();
+        let dead = w.metric("streambed_messages_dead_lettered_total");
+        let upserted = w.metric("streambed_points_upserted_total");
+        let rejected = w.metric("streambed_sink_errors_total");
+        w.stop();
+        let points = q.read_collection(&collection, 384);
+        eprintln!(
+            "big batch ({phase}, worker limit {limit}): {} stored, {dead} dead-lettered, {rejected} refused writes, {:.1} s",
+            points.len(),
+            took.as_secs_f64()
+        );
+        assert_eq!(
+            upserted as usize + dead as usize,
+            64,
+            "each stored or dead-lettered"
+        );
+        assert_eq!(
+            points.len(),
+            64,
+            "each ~900 KB point fits a 4 MiB request alone"
+        );
+        for (_, p) in points.iter().take(3) {
+            assert!(p.payload["text"].as_str().unwrap().len() >= 900_000);
+        }
+        if phase == "too-big" {
+            assert!(rejected >= 1.0, "the server refused the oversized requests");
+        }
+    }
+}
+
+/// Behaviour the worker relies on, checked against the test server (and a real Qdrant when
+/// QDRANT_URL is set, where the server's own settings allow): wrong dimension on search is
+/// InvalidArgument naming the dimension, an oversized request is refused, wait=false is
+/// acknowledged, and the API key is enforced.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_answers_like_qdrant_where_we_depend_on_it() {
+    use qdrant_client::qdrant::{
+        CreateCollectionBuilder, Distance, PointStruct, SearchPointsBuilder, UpdateStatus,
+        UpsertPointsBuilder, VectorParamsBuilder,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let q = tokio::task::spawn_blocking({
+        let p = dir.path().to_path_buf();
+        move || QdrantUnderTest::start_with(&p, 1024 * 1024, Some("test-key-1"))
+    })
+    .await
+    .unwrap();
+    let client = q.client();
+    let collection = unique("c");
+    client
+        .create_collection(
+            CreateCollectionBuilder::new(&collection)
+                .vectors_config(VectorParamsBuilder::new(8, Distance::Cosine)),
+        )
+        .await
+        .unwrap();
+    let e = client
+        .search_points(SearchPointsBuilder::new(&collection, vec![0.1; 5], 3))
+        .await
+        .unwrap_err();
+    let qdrant_client::QdrantError::ResponseError { status } = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("expected dim: 8"), "{status:?}");
+
+    let r = client
+        .upsert_points(
+            UpsertPointsBuilder::new(
+                &collection,
+                vec![PointStruct::new(
+                    Uuid::new_v4(),
+                    vec![0.1; 8],
+                    json!({}).as_object().unwrap().clone(),
+                )],
+            )
+            .wait(false),
+        )
+        .await
+        .unwrap();
+    let status = r.result.unwrap().status;
+    assert!(
+        status == UpdateStatus::Acknowledged as i32 || status == UpdateStatus::Completed as i32,
+        "{status}"
+    );
+
+    if q.real {
+        eprintln!(
+            "real Qdrant: request size and API key checks depend on its own settings; not checked"
+        );
+        return;
+    }
+    let big = json!({"text": "가".repeat(600_000)})
+        .as_object()
+        .unwrap()
+        .clone();
+    let e = client
+        .upsert_points(
+            UpsertPointsBuilder::new(
+                &collection,
+                vec![PointStruct::new(Uuid::new_v4(), vec![0.1; 8], big)],
+            )
+            .wait(true),
+        )
+        .await
+        .unwrap_err();
+    let qdrant_client::QdrantError::ResponseError { status } = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+
+    for (key, code) in [
+        (None, tonic::Code::Unauthenticated),
+        (Some("wrong"), tonic::Code::PermissionDenied),
+    ] {
+        let mut b = qdrant_client::Qdrant::from_url(&q.url).skip_compatibility_check();
+        if let Some(k) = key {
+            b = b.api_key(k);
+        }
+        let e = b
+            .build()
+            .unwrap()
+            .collection_exists(&collection)
+            .await
+            .unwrap_err();
+        let qdrant_client::QdrantError::ResponseError { status } = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(status.code(), code, "{status:?}");
+    }
 }

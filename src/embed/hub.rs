@@ -16,12 +16,37 @@ const OPTIONAL: &[&str] = &[
 const TOKENIZER: &[&str] = &["tokenizer.json", "vocab.txt"];
 const WEIGHTS: &[&str] = &["model.safetensors", "pytorch_model.bin"];
 
+/// Whether `s` can only be meant as a folder: it starts like a path (`./`, `../`, `/`,
+/// `~`), ends with `/`, has more than two components, starts with `models/` (where the
+/// fetch script puts models), or its parent folder exists here. A missing folder is then
+/// reported as such instead of being looked up on the hub.
+fn is_path_like(s: &str) -> bool {
+    let p = Path::new(s);
+    s.starts_with(['.', '/', '~'])
+        || s.ends_with('/')
+        || s.contains('\\')
+        || s.split('/').count() > 2
+        || s.starts_with("models/")
+        || p.parent()
+            .is_some_and(|d| !d.as_os_str().is_empty() && d.is_dir())
+}
+
 fn looks_like_hub_id(s: &str) -> bool {
     !s.is_empty()
-        && !s.starts_with(['.', '/', '~'])
-        && s.split('/').count() <= 2
+        && !is_path_like(s)
+        && s.split('/').all(|part| !part.is_empty())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+}
+
+fn folder_not_found(model: &str) -> EmbedError {
+    EmbedError::Resolve(format!(
+        "model folder {model:?} not found. For the test models run scripts/fetch-models.sh \
+         (it writes models/multilingual-e5-small, models/all-minilm-l6-v2 and \
+         models/klue-bert-base-random); otherwise set model.path (or --model, or \
+         STREAMBED__MODEL__PATH) to an existing Hugging Face style folder, or to a hub id such \
+         as klue/bert-base where there is internet"
+    ))
 }
 
 fn offline_help(id: &str, why: &str) -> EmbedError {
@@ -45,9 +70,7 @@ pub fn resolve(model: &str) -> Result<PathBuf, EmbedError> {
         )));
     }
     if !looks_like_hub_id(model) {
-        return Err(EmbedError::Resolve(format!(
-            "model folder {model:?} does not exist; give an existing folder or a hub id like klue/bert-base"
-        )));
+        return Err(folder_not_found(model));
     }
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
     let cache = hf_hub::Cache::from_env();
@@ -111,6 +134,29 @@ mod tests {
         assert!(!looks_like_hub_id("./models/x"));
         assert!(!looks_like_hub_id("/abs/path"));
         assert!(!looks_like_hub_id("a/b/c"));
+        assert!(!looks_like_hub_id("models/multilingual-e5-small"));
+        assert!(!looks_like_hub_id("../models/x"));
+        assert!(!looks_like_hub_id("x/"));
+        let dir = tempfile::tempdir().unwrap();
+        let under = dir.path().join("missing-model");
+        assert!(!looks_like_hub_id(under.to_str().unwrap()));
+    }
+
+    /// The default `model.path` on a fresh checkout: a folder not found, with what to run,
+    /// and no attempt at the hub (which would hang or fail with a network error).
+    #[test]
+    fn a_missing_folder_is_reported_as_one() {
+        for m in [
+            "models/no-such-model",
+            "./models/e5",
+            "/nonexistent/model",
+            "src/no-such-model",
+        ] {
+            let err = resolve(m).unwrap_err().to_string();
+            assert!(err.contains("not found"), "{m}: {err}");
+            assert!(err.contains("scripts/fetch-models.sh"), "{m}: {err}");
+            assert!(!err.contains("model hub ("), "{m}: {err}");
+        }
     }
 
     #[test]

@@ -55,9 +55,6 @@ pub struct TextTokenizer {
     inner: std::sync::Arc<Tokenizer>,
     prefix: String,
     max_seq_length: usize,
-    /// Ids of the special tokens plus the prefix: an input that yields no more than these
-    /// had no content.
-    empty_len: usize,
 }
 
 impl TextTokenizer {
@@ -87,15 +84,10 @@ impl TextTokenizer {
                 path: dir.to_path_buf(),
                 reason: format!("cannot set truncation: {e}"),
             })?;
-        let empty_len = tokenizer
-            .encode(prefix, true)
-            .map(|e| e.get_ids().len())
-            .unwrap_or(2);
         Ok(Self {
             inner: std::sync::Arc::new(tokenizer),
             prefix: prefix.to_string(),
             max_seq_length,
-            empty_len,
         })
     }
 
@@ -105,8 +97,16 @@ impl TextTokenizer {
 
     /// Prepares one text. Empty or whitespace-only text, or text with nothing the
     /// tokenizer keeps (control characters only), is a permanent per-item error.
+    ///
+    /// Emptiness is decided from the text, never from token counts: with a SentencePiece
+    /// prefix such as e5's `passage: `, the prefix's trailing `▁` merges into a one-word
+    /// text, so "prefix + word" can have as many tokens as the prefix alone. A text has
+    /// content when some non-special token ends inside it (past the prefix).
     pub fn tokenize(&self, text: &str) -> Result<Tokens, ItemError> {
-        if text.chars().all(|c| c.is_whitespace() || c.is_control()) {
+        if text
+            .chars()
+            .all(|c| c.is_whitespace() || c.is_control() || is_invisible(c))
+        {
             return Err(ItemError::EmptyText);
         }
         let limit = self.max_seq_length * CHARS_PER_TOKEN_BOUND;
@@ -125,7 +125,13 @@ impl TextTokenizer {
             .encode(prepared.as_str(), true)
             .map_err(|e| ItemError::Tokenize(e.to_string()))?;
         let ids = encoding.get_ids();
-        if ids.len() <= self.empty_len {
+        let text_start = self.prefix.len();
+        let has_content = encoding
+            .get_offsets()
+            .iter()
+            .zip(encoding.get_special_tokens_mask())
+            .any(|(&(start, end), &special)| special == 0 && end > text_start && end > start);
+        if !has_content {
             return Err(ItemError::EmptyText);
         }
         let truncated = cut || !encoding.get_overflowing().is_empty();
@@ -134,6 +140,18 @@ impl TextTokenizer {
             truncated,
         })
     }
+}
+
+/// Characters that show nothing and mean nothing on their own: format characters (zero
+/// width space and joiners, bidi marks, the BOM, soft hyphen, variation selectors, tags)
+/// and the Hangul fillers. A text made only of these (and whitespace) is empty, although
+/// normalisers leave enough of it behind to produce a token.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E007F}')
 }
 
 fn wordpiece_from_vocab(dir: &Path) -> Result<Tokenizer, EmbedError> {

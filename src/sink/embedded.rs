@@ -1,13 +1,15 @@
 //! Qdrant's own engine in process (`qdrant-edge`): one shard directory per collection,
 //! cosine distance, payloads, on disk. Every write is flushed before it is acknowledged,
 //! because qdrant-edge 0.7 does not replay its WAL on load: unflushed segments would be
-//! lost on a crash.
+//! lost on a crash. Writes (update + flush) are serialised by a lock of ours:
+//! `EdgeShard::flush` takes its locks with `try_lock().expect(..)` and panics when another
+//! write holds them; reads take no lock of ours.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use qdrant_edge::{
-    CountRequest, Distance, EdgeConfig, EdgeShard, EdgeVectorParams, PointId,
+    CountRequest, Distance, EdgeConfig, EdgeShard, EdgeVectorParams, OperationError, PointId,
     PointInsertOperations, PointOperations, PointStruct, QueryEnum, SearchRequest, UpdateOperation,
     WithPayloadInterface, WithVector,
 };
@@ -18,10 +20,37 @@ use super::{Hit, Point, Sink, SinkError};
 pub struct EmbeddedSink {
     path: PathBuf,
     shard: Arc<Mutex<Option<Arc<EdgeShard>>>>,
+    /// Held for each update + flush (see the module comment).
+    write_lock: Arc<Mutex<()>>,
 }
 
+/// I/O and other environmental failures: worth retrying.
 fn err(e: impl std::fmt::Display) -> SinkError {
     SinkError::Transient(e.to_string())
+}
+
+/// The engine's own errors, by class: a vector that does not fit the collection is the
+/// collection's shape (stop); bad point data is the points' fault (dead-letter); the rest
+/// (I/O, out of memory, cancelled) is retried.
+pub fn classify(e: OperationError) -> SinkError {
+    let text = e.to_string();
+    match e {
+        OperationError::WrongVectorDimension { .. }
+        | OperationError::VectorNameNotExists { .. } => {
+            SinkError::Permanent(format!("embedded store: {text}"))
+        }
+        OperationError::ValidationError { .. }
+        | OperationError::TypeError { .. }
+        | OperationError::TypeInferenceError { .. }
+        | OperationError::WrongSparse
+        | OperationError::WrongMulti
+        | OperationError::PointIdError { .. }
+        | OperationError::NonFiniteNumber { .. } => SinkError::Rejected {
+            reason: super::REJECTED,
+            detail: text,
+        },
+        _ => SinkError::Transient(text),
+    }
 }
 
 fn to_hit(
@@ -55,6 +84,7 @@ impl EmbeddedSink {
         Self {
             path,
             shard: Arc::new(Mutex::new(None)),
+            write_lock: Arc::new(Mutex::new(())),
         }
     }
 
@@ -146,7 +176,9 @@ impl Sink for EmbeddedSink {
     }
 
     async fn write(&self, upserts: Vec<Point>, deletes: Vec<Uuid>) -> Result<(), SinkError> {
+        let lock = self.write_lock.clone();
         self.blocking(move |shard| {
+            let _writing = lock.lock().unwrap_or_else(|p| p.into_inner());
             if !upserts.is_empty() {
                 let points = upserts
                     .into_iter()
@@ -163,7 +195,7 @@ impl Sink for EmbeddedSink {
                     .update(UpdateOperation::PointOperation(
                         PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
                     ))
-                    .map_err(err)?;
+                    .map_err(classify)?;
             }
             if !deletes.is_empty() {
                 let ids = deletes.into_iter().map(PointId::Uuid).collect();
@@ -171,7 +203,7 @@ impl Sink for EmbeddedSink {
                     .update(UpdateOperation::PointOperation(
                         PointOperations::DeletePoints { ids },
                     ))
-                    .map_err(err)?;
+                    .map_err(classify)?;
             }
             shard.flush();
             Ok(())
@@ -191,7 +223,7 @@ impl Sink for EmbeddedSink {
                 with_vector: None,
                 score_threshold: None,
             };
-            let found = shard.search(req).map_err(err)?;
+            let found = shard.search(req).map_err(classify)?;
             Ok(found
                 .into_iter()
                 .map(|p| to_hit(p.id, p.score, p.payload, None))
@@ -231,6 +263,23 @@ impl Sink for EmbeddedSink {
     }
 
     async fn ping(&self) -> Result<(), SinkError> {
-        self.shard().map(|_| ())
+        // A real look at the store: its folder is still there and the shard answers.
+        let path = self.path.clone();
+        self.blocking(move |shard| {
+            if !path.join("edge_config.json").exists() {
+                return Err(SinkError::Transient(format!(
+                    "embedded store folder {} is gone or unreadable",
+                    path.display()
+                )));
+            }
+            shard
+                .count(CountRequest {
+                    filter: None,
+                    exact: false,
+                })
+                .map(|_| ())
+                .map_err(classify)
+        })
+        .await
     }
 }

@@ -26,15 +26,30 @@ pub struct Hit {
     pub vector: Option<Vec<f32>>,
 }
 
+/// How a store error is handled, by class.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    /// Worth retrying (store down, timeout); nothing is committed meanwhile.
+    /// Worth retrying (store down, timeout, overloaded); nothing is committed meanwhile.
     #[error("store unavailable: {0}")]
     Transient(String),
-    /// Retrying will not help (collection of another dimension, bad credentials).
+    /// The store refuses these points (invalid argument, out of range, too large,
+    /// failed precondition): the writer isolates the points at fault and dead-letters
+    /// them with `reason`; the rest is written.
+    #[error("store refused the points ({reason}): {detail}")]
+    Rejected {
+        reason: &'static str,
+        detail: String,
+    },
+    /// Retrying will not help and no point is at fault (bad credentials, the collection
+    /// gone or of another shape): the worker stops with this message.
     #[error("{0}")]
     Permanent(String),
 }
+
+/// Dead-letter reason for points the store refused.
+pub const REJECTED: &str = "store_rejected";
+/// Dead-letter reason for a point larger than the store's request limit on its own.
+pub const TOO_LARGE: &str = "too_large_for_store";
 
 /// A vector store.
 pub trait Sink: Send + Sync + 'static {
@@ -54,7 +69,8 @@ pub trait Sink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Hit>, SinkError>> + Send;
     fn retrieve(&self, ids: Vec<Uuid>) -> impl Future<Output = Result<Vec<Hit>, SinkError>> + Send;
     fn count(&self) -> impl Future<Output = Result<usize, SinkError>> + Send;
-    /// Cheap reachability check for `/readyz`.
+    /// Cheap but real health check for `/readyz` (the store answers, the collection is
+    /// there).
     fn ping(&self) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 

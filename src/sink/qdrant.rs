@@ -1,5 +1,8 @@
 //! Qdrant over gRPC (`qdrant-client`): the production store. Upserts and deletes use
 //! `wait=true`, so a returned write is applied and persisted (per the server's WAL).
+//! Upserts are split so that no request exceeds `qdrant.max_request_bytes` (Qdrant itself
+//! takes any size over gRPC, but tonic, grpc-go and most proxies in front of it keep
+//! gRPC's 4 MiB default); the size is the exact protobuf length of each point.
 
 use std::time::Duration;
 
@@ -17,24 +20,52 @@ use crate::settings::QdrantSettings;
 pub struct QdrantSink {
     client: Qdrant,
     collection: String,
+    max_request_bytes: usize,
 }
 
-/// Server-side refusals that a retry will not fix; everything else (connection refused,
-/// timeouts, unavailable, resource exhausted) is transient.
-fn classify(e: QdrantError) -> SinkError {
+/// Room left in a request for everything but the points (collection name, flags).
+const REQUEST_OVERHEAD: usize = 1024;
+
+/// Sorts a gRPC status into what the writer does with it:
+/// - the points are at fault (invalid argument, out of range, failed precondition, a
+///   message too large): `Rejected`, so the writer isolates them and dead-letters them;
+/// - the store refuses all work (credentials, a missing collection, one whose vectors do
+///   not fit the model, an endpoint that is not Qdrant): `Permanent`, the worker stops;
+/// - everything else (connection refused, unavailable, deadline exceeded, overloaded):
+///   `Transient`, retried.
+pub fn classify_status(code: tonic::Code, message: &str) -> SinkError {
     use tonic::Code;
-    match &e {
-        QdrantError::ResponseError { status }
-            if matches!(
-                status.code(),
-                Code::InvalidArgument
-                    | Code::Unauthenticated
-                    | Code::PermissionDenied
-                    | Code::NotFound
-            ) =>
-        {
-            SinkError::Permanent(e.to_string())
+    let m = message.to_ascii_lowercase();
+    let too_large = m.contains("too large") || m.contains("larger than") || m.contains("exceeds");
+    let shape =
+        m.contains("dimension") || m.contains("vector name") || m.contains("not existing vector");
+    let text = format!("{code:?}: {message}");
+    match code {
+        Code::Unauthenticated | Code::PermissionDenied | Code::NotFound | Code::Unimplemented => {
+            SinkError::Permanent(text)
         }
+        Code::InvalidArgument if shape => SinkError::Permanent(text),
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            SinkError::Rejected {
+                reason: if too_large {
+                    super::TOO_LARGE
+                } else {
+                    super::REJECTED
+                },
+                detail: text,
+            }
+        }
+        Code::ResourceExhausted if too_large => SinkError::Rejected {
+            reason: super::TOO_LARGE,
+            detail: text,
+        },
+        _ => SinkError::Transient(text),
+    }
+}
+
+fn classify(e: QdrantError) -> SinkError {
+    match &e {
+        QdrantError::ResponseError { status } => classify_status(status.code(), status.message()),
         _ => SinkError::Transient(e.to_string()),
     }
 }
@@ -69,8 +100,46 @@ impl QdrantSink {
         Ok(Self {
             client,
             collection: cfg.collection.clone(),
+            max_request_bytes: cfg.max_request_bytes,
         })
     }
+}
+
+/// Splits points into requests of at most `budget` bytes of points each, by their exact
+/// protobuf length (plus the field's tag and length prefix). A point larger than the
+/// budget on its own is an error naming its size and the setting.
+fn split_by_size(
+    points: Vec<PointStruct>,
+    budget: usize,
+) -> Result<Vec<Vec<PointStruct>>, SinkError> {
+    use prost::Message;
+    let mut out: Vec<Vec<PointStruct>> = Vec::new();
+    let mut size = 0usize;
+    for p in points {
+        let len = p.encoded_len();
+        let framed = len + prost::length_delimiter_len(len) + 1;
+        if framed > budget {
+            return Err(SinkError::Rejected {
+                reason: super::TOO_LARGE,
+                detail: format!(
+                    "a point of {len} bytes is larger than qdrant.max_request_bytes allows \
+                     ({budget} bytes of points per request); raise the limit if every hop to \
+                     Qdrant accepts it, or lower message.max_message_bytes"
+                ),
+            });
+        }
+        match out.last_mut() {
+            Some(chunk) if size + framed <= budget => {
+                chunk.push(p);
+                size += framed;
+            }
+            _ => {
+                out.push(vec![p]);
+                size = framed;
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Sink for QdrantSink {
@@ -124,10 +193,15 @@ impl Sink for QdrantSink {
                 .into_iter()
                 .map(|p| PointStruct::new(p.id, p.vector, p.payload))
                 .collect();
-            self.client
-                .upsert_points(UpsertPointsBuilder::new(&self.collection, points).wait(true))
-                .await
-                .map_err(classify)?;
+            let budget = self
+                .max_request_bytes
+                .saturating_sub(REQUEST_OVERHEAD + self.collection.len());
+            for chunk in split_by_size(points, budget)? {
+                self.client
+                    .upsert_points(UpsertPointsBuilder::new(&self.collection, chunk).wait(true))
+                    .await
+                    .map_err(classify)?;
+            }
         }
         if !deletes.is_empty() {
             let ids: Vec<PointId> = deletes.into_iter().map(PointId::from).collect();
@@ -208,10 +282,106 @@ impl Sink for QdrantSink {
     }
 
     async fn ping(&self) -> Result<(), SinkError> {
-        self.client
-            .health_check()
+        // The server answers, and the collection is still there.
+        if self
+            .client
+            .collection_exists(&self.collection)
             .await
-            .map(|_| ())
-            .map_err(classify)
+            .map_err(classify)?
+        {
+            Ok(())
+        } else {
+            Err(SinkError::Permanent(format!(
+                "Qdrant collection {:?} no longer exists",
+                self.collection
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn statuses_are_classed_by_what_a_retry_would_do() {
+        let class = |c, m| match classify_status(c, m) {
+            SinkError::Transient(_) => "transient",
+            SinkError::Rejected { reason, .. } => reason,
+            SinkError::Permanent(_) => "fatal",
+        };
+        assert_eq!(class(Code::Unavailable, "connection refused"), "transient");
+        assert_eq!(class(Code::DeadlineExceeded, "timeout"), "transient");
+        assert_eq!(class(Code::ResourceExhausted, "rate limited"), "transient");
+        assert_eq!(class(Code::Unauthenticated, "Invalid api-key"), "fatal");
+        assert_eq!(class(Code::PermissionDenied, "read-only key"), "fatal");
+        assert_eq!(
+            class(Code::NotFound, "Collection `x` doesn't exist!"),
+            "fatal"
+        );
+        assert_eq!(
+            class(
+                Code::InvalidArgument,
+                "Wrong input: Vector dimension error: expected dim: 768, got 384"
+            ),
+            "fatal"
+        );
+        assert_eq!(
+            class(Code::InvalidArgument, "payload too deep"),
+            "store_rejected"
+        );
+        assert_eq!(
+            class(Code::FailedPrecondition, "bad state"),
+            "store_rejected"
+        );
+        assert_eq!(
+            class(
+                Code::OutOfRange,
+                "Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes"
+            ),
+            "too_large_for_store"
+        );
+        assert_eq!(
+            class(
+                Code::ResourceExhausted,
+                "message larger than max (5000000 vs. 4194304)"
+            ),
+            "too_large_for_store"
+        );
+    }
+
+    fn point(text_bytes: usize) -> PointStruct {
+        let mut payload = serde_json::Map::new();
+        payload.insert("text".into(), "가".repeat(text_bytes / 3).into());
+        PointStruct::new(Uuid::from_u128(1), vec![0.5f32; 384], payload)
+    }
+
+    #[test]
+    fn requests_stay_under_the_limit() {
+        use prost::Message;
+        let points: Vec<PointStruct> = (0..64).map(|_| point(900_000)).collect();
+        let budget = 4 * 1024 * 1024 - REQUEST_OVERHEAD;
+        let chunks = split_by_size(points, budget).unwrap();
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 64);
+        for c in &chunks {
+            let req = qdrant_client::qdrant::UpsertPoints {
+                collection_name: "streambed".into(),
+                wait: Some(true),
+                points: c.clone(),
+                ..Default::default()
+            };
+            assert!(
+                req.encoded_len() <= 4 * 1024 * 1024,
+                "{}",
+                req.encoded_len()
+            );
+        }
+        assert!(chunks.len() >= 14, "{} chunks", chunks.len());
+        let err = split_by_size(vec![point(5_000_000)], budget).unwrap_err();
+        assert!(
+            matches!(err, SinkError::Rejected { reason, ref detail } if reason == super::super::TOO_LARGE && detail.contains("qdrant.max_request_bytes")),
+            "{err:?}"
+        );
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use super::decode::{decode, Decoded, Record, Rejection};
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, Tp};
-use crate::pipeline::{Completion, DeadLetters, Item, Op, Origin};
+use crate::pipeline::{Completion, DeadLetters, DeliveryError, Hold, Item, Op, Origin};
 use crate::settings::{is_secret_property, KafkaSettings, MessageSettings};
 
 pub type Tracker = Arc<Mutex<OffsetTracker>>;
@@ -53,6 +53,8 @@ pub struct SourceContext {
     tracker: Tracker,
     metrics: Metrics,
     drain_timeout: Duration,
+    /// Set when the worker shuts down: no revoke drain runs past it.
+    shutdown_deadline: Mutex<Option<Instant>>,
 }
 
 impl ClientContext for SourceContext {
@@ -78,8 +80,16 @@ fn tps(tpl: &TopicPartitionList) -> Vec<Tp> {
 }
 
 impl SourceContext {
+    /// Bounds every later revoke drain (the one run by closing the consumer) by `at`.
+    pub fn set_shutdown_deadline(&self, at: Instant) {
+        *self.shutdown_deadline.lock().expect("deadline") = Some(at);
+    }
+
     fn drain(&self, revoked: &[Tp]) {
-        let deadline = Instant::now() + self.drain_timeout;
+        let mut deadline = Instant::now() + self.drain_timeout;
+        if let Some(at) = *self.shutdown_deadline.lock().expect("deadline") {
+            deadline = deadline.min(at);
+        }
         loop {
             let left: usize = {
                 let t = self.tracker.lock().expect("tracker lock");
@@ -95,6 +105,60 @@ impl SourceContext {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+
+    /// Waits until no write of the revoked partitions is in flight. Their holds were taken
+    /// before the revoke (later ones fail), and each write is bounded by the store's
+    /// request timeout, so this ends; it is not cut short, since returning early would let
+    /// a stale write land over the new owner's.
+    fn wait_for_writes(&self, revoked: &[Tp]) {
+        let started = Instant::now();
+        let mut warned = Duration::ZERO;
+        loop {
+            let writing: usize = {
+                let t = self.tracker.lock().expect("tracker lock");
+                revoked.iter().map(|tp| t.writing(tp)).sum()
+            };
+            if writing == 0 {
+                return;
+            }
+            // Leaving the group at shutdown: the process is about to exit, so no write
+            // of these partitions can start after this; do not outlast the deadline.
+            if self
+                .shutdown_deadline
+                .lock()
+                .expect("deadline")
+                .is_some_and(|at| Instant::now() >= at)
+            {
+                tracing::warn!(
+                    writing,
+                    "shutdown deadline passed with store writes in flight"
+                );
+                return;
+            }
+            if started.elapsed() >= warned + Duration::from_secs(10) {
+                warned = started.elapsed();
+                tracing::warn!(
+                    writing,
+                    waited_s = warned.as_secs(),
+                    "revoke waits for store writes of the revoked partitions"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Runs blocking work from async code without stalling a runtime worker: `block_in_place`
+/// on a multi-threaded runtime (the other tasks move to other workers; order is kept
+/// because the caller waits), directly elsewhere (a plain thread, a test runtime).
+pub fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
+    let in_runtime = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if in_runtime {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
 }
 
 impl ConsumerContext for SourceContext {
@@ -102,26 +166,31 @@ impl ConsumerContext for SourceContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked = tps(tpl);
             // Let the pipeline finish what it holds for these partitions, so their offsets
-            // are committed by us rather than replayed by the next owner. block_in_place
-            // keeps this runtime worker's other tasks running meanwhile.
-            let in_runtime = tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-            if in_runtime {
-                tokio::task::block_in_place(|| self.drain(&revoked));
-            } else {
+            // are committed by us rather than replayed by the next owner; then fence off
+            // whatever did not finish in time. All of it blocks, so it runs where it does
+            // not stall a runtime worker (this callback runs inside the consumer's poll).
+            blocking_here(|| {
                 self.drain(&revoked);
-            }
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "commit on revoke (nothing stored is normal)")
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "commit on revoke (nothing stored is normal)")
+                    }
                 }
-            }
-            let mut t = self.tracker.lock().expect("tracker lock");
-            for tp in &revoked {
-                t.revoke(tp);
-            }
-            tracing::info!(partitions = ?revoked, "partitions revoked after drain");
+                let left: usize = {
+                    let mut t = self.tracker.lock().expect("tracker lock");
+                    let left = revoked.iter().map(|tp| t.in_flight(tp)).sum();
+                    for tp in &revoked {
+                        t.revoke(tp);
+                    }
+                    left
+                };
+                self.wait_for_writes(&revoked);
+                if left > 0 {
+                    self.metrics.fenced.inc_by(left as u64);
+                }
+                tracing::info!(partitions = ?revoked, unfinished = left, "partitions revoked; unfinished records are fenced off and left to the next owner");
+            });
         }
     }
 
@@ -157,14 +226,13 @@ pub type KafkaConsumer = StreamConsumer<SourceContext>;
 
 /// librdkafka client settings common to consumer and producer: brokers plus the
 /// pass-through properties (`_` in keys from environment variables becomes `.`).
+/// Values are never logged.
 fn base_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers);
     for (key, value) in &k.properties {
         let key = key.replace('_', ".");
-        if is_secret_property(&key) {
-            tracing::debug!(property = %key, "setting secret librdkafka property");
-        }
+        tracing::debug!(property = %key, secret = is_secret_property(&key), "setting librdkafka property");
         c.set(key, value);
     }
     c
@@ -196,6 +264,7 @@ pub fn consumer(
         tracker,
         metrics,
         drain_timeout,
+        shutdown_deadline: Mutex::new(None),
     })?;
     let topics: Vec<&str> = k.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -259,6 +328,71 @@ impl Completion for KafkaCompletion {
             tracing::debug!(error = %e, "could not store offsets");
         }
     }
+
+    fn hold(&self, origins: &[&Origin]) -> Hold {
+        let items: Vec<(Tp, u64)> = origins
+            .iter()
+            .map(|o| match o {
+                Origin::Kafka {
+                    topic,
+                    partition,
+                    generation,
+                    ..
+                } => ((topic.to_string(), *partition), *generation),
+                Origin::File { .. } => unreachable!("the Kafka source makes Kafka origins"),
+            })
+            .collect();
+        let owned = self.tracker.lock().expect("tracker lock").hold(&items);
+        let held: Vec<(Tp, u64)> = items
+            .into_iter()
+            .zip(&owned)
+            .filter(|(_, o)| **o)
+            .map(|(i, _)| i)
+            .collect();
+        let tracker = self.tracker.clone();
+        Hold::new(owned, move || {
+            tracker.lock().expect("tracker lock").release(&held);
+        })
+    }
+}
+
+/// Producer errors a retry will not fix.
+fn delivery_error(e: rdkafka::error::KafkaError) -> DeliveryError {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    let permanent = matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::SaslAuthenticationFailed
+                | C::InvalidTopic
+                | C::MessageSizeTooLarge
+                | C::InvalidRecord
+                | C::Fatal
+        )
+    );
+    if permanent {
+        DeliveryError::Permanent(format!(
+            "{e}; check kafka.dead_letter_topic and the producer's permissions"
+        ))
+    } else {
+        DeliveryError::Transient(e.to_string())
+    }
+}
+
+/// Consumer errors after which the worker cannot go on (it must not spin on them).
+pub fn consumer_error_is_fatal(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::TopicAuthorizationFailed
+                | C::GroupAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::SaslAuthenticationFailed
+                | C::Fatal
+        )
+    )
 }
 
 /// Dead letters to a Kafka topic: the original key and value, and headers with the reason.
@@ -274,7 +408,7 @@ impl DeadLetters for KafkaDeadLetters {
         rejection: &'a Rejection,
         key: Option<&'a [u8]>,
         value: Option<&'a [u8]>,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
         Box::pin(async move {
             let (topic, partition, offset) = origin.describe();
             let (partition, offset) = (partition.to_string(), offset.to_string());
@@ -324,7 +458,7 @@ impl DeadLetters for KafkaDeadLetters {
                 .send(rec, Duration::from_secs(30))
                 .await
                 .map(|_| ())
-                .map_err(|(e, _)| e.to_string())
+                .map_err(|(e, _)| delivery_error(e))
         })
     }
 }
@@ -341,22 +475,27 @@ pub async fn read_loop(
     input: mpsc::Sender<Item>,
     metrics: Metrics,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Result<(), String> {
     let mut held: VecDeque<Item> = VecDeque::new();
     loop {
         if *stop.borrow() {
-            return;
+            return Ok(());
         }
         let item = if let Some(item) = held.pop_front() {
             item
         } else {
             let msg = tokio::select! {
                 biased;
-                _ = stop.changed() => return,
+                _ = stop.changed() => return Ok(()),
                 m = consumer.recv() => m,
             };
             match msg {
                 Ok(m) => to_item(&m, &cfg, &metrics),
+                Err(e) if consumer_error_is_fatal(&e) => {
+                    return Err(format!(
+                        "kafka: {e}; check the credentials and ACLs in kafka.properties"
+                    ));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consumer error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -366,7 +505,7 @@ pub async fn read_loop(
         };
         let (permit, paused) = match input.try_reserve() {
             Ok(p) => (p, false),
-            Err(mpsc::error::TrySendError::Closed(())) => return,
+            Err(mpsc::error::TrySendError::Closed(())) => return Ok(()),
             Err(mpsc::error::TrySendError::Full(())) => {
                 // A full pipeline is the normal state under load: wait a moment first
                 // (librdkafka's own queue is bounded by queued.max.messages.kbytes), and
@@ -377,7 +516,7 @@ pub async fn read_loop(
                             admit(item, p, &tracker, &metrics);
                             continue;
                         }
-                        Err(_) => return,
+                        Err(_) => return Ok(()),
                     }
                 }
                 // Backpressure: pause fetching and wait for room, still polling.
@@ -389,7 +528,7 @@ pub async fn read_loop(
                     tokio::select! {
                         biased;
                         p = input.reserve() => break p,
-                        _ = stop.changed() => return,
+                        _ = stop.changed() => return Ok(()),
                         m = consumer.recv() => match m {
                             // A partition assigned during the pause is not paused: keep its
                             // record in order and pause it too.
@@ -405,7 +544,7 @@ pub async fn read_loop(
                 };
                 match permit {
                     Ok(p) => (p, true),
-                    Err(_) => return,
+                    Err(_) => return Ok(()),
                 }
             }
         };
@@ -467,11 +606,7 @@ fn to_item<M: Message>(m: &M, cfg: &MessageSettings, metrics: &Metrics) -> Item 
     let op = match decode(&rec, cfg) {
         Decoded::Upsert { id, text, payload } => Op::Upsert { id, text, payload },
         Decoded::Delete { id } => Op::Delete { id },
-        Decoded::Reject(rejection) => Op::Reject {
-            rejection,
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-        },
+        Decoded::Reject(rejection) => Op::Reject { rejection },
     };
     Item {
         origin: Origin::Kafka {
@@ -482,6 +617,7 @@ fn to_item<M: Message>(m: &M, cfg: &MessageSettings, metrics: &Metrics) -> Item 
         },
         op,
         key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
         timestamp_ms: m.timestamp().to_millis(),
     }
 }

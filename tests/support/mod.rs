@@ -155,9 +155,25 @@ impl Broker {
         });
     }
 
-    /// Reads `n` records of a topic from the beginning: (key, value, headers).
+    /// Reads a topic from the beginning, expecting exactly `n` records: it waits for them
+    /// (up to `timeout`), then keeps reading for a quiet spell so that extra records (a
+    /// duplicate dead letter) are seen too, and asserts the count.
     pub fn read(&self, topic: &str, n: usize, timeout: Duration) -> Vec<Record> {
-        self.read_until(topic, timeout, |got| got.len() >= n)
+        let mut quiet_since: Option<(usize, Instant)> = None;
+        let got = self.read_until(topic, timeout, |got| {
+            if got.len() < n {
+                return false;
+            }
+            match quiet_since {
+                Some((len, at)) if len == got.len() => at.elapsed() > Duration::from_secs(3),
+                _ => {
+                    quiet_since = Some((got.len(), Instant::now()));
+                    false
+                }
+            }
+        });
+        assert_eq!(got.len(), n, "records on {topic}: {got:?}");
+        got
     }
 
     /// Reads a topic from the beginning until `done` says so or `timeout` passes.
@@ -165,7 +181,7 @@ impl Broker {
         &self,
         topic: &str,
         timeout: Duration,
-        done: impl Fn(&[Record]) -> bool,
+        mut done: impl FnMut(&[Record]) -> bool,
     ) -> Vec<Record> {
         let c: BaseConsumer = self
             .config()
@@ -397,8 +413,14 @@ pub struct Worker {
 
 impl Worker {
     pub fn spawn(args: &[&str], env: &[(String, String)], log: &Path) -> Self {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::spawn_bin(Path::new(env!("CARGO_BIN_EXE_streambed")), &args, env, log)
+    }
+
+    /// Any program as a child process, logging to `log`.
+    pub fn spawn_bin(bin: &Path, args: &[String], env: &[(String, String)], log: &Path) -> Self {
         let out = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_streambed"))
+        let child = Command::new(bin)
             .args(args)
             .current_dir(log.parent().unwrap())
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -458,9 +480,10 @@ impl Worker {
         );
     }
 
-    pub fn kill9(&mut self) {
+    /// SIGKILL; returns the exit code (`None`: it died of the signal, as it should).
+    pub fn kill9(&mut self) -> Option<i32> {
         self.signal(libc::SIGKILL);
-        let _ = self.wait(Duration::from_secs(10));
+        self.wait(Duration::from_secs(10))
     }
 
     pub fn log_text(&self) -> String {
@@ -484,16 +507,38 @@ impl Worker {
         Some((status, body))
     }
 
-    /// A metric's value summed over its label sets (0 when absent).
+    /// A metric's value summed over its label sets (0 when the worker exports none of
+    /// it yet). Panics when `/metrics` cannot be read: an unreachable worker is not 0.
     pub fn metric(&self, name: &str) -> f64 {
-        let Some((_, body)) = self.http("/metrics") else {
-            return 0.0;
-        };
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split(['{', ' ']).next() == Some(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        self.metric_opt(name).unwrap_or_else(|| {
+            panic!(
+                "/metrics at {} unreachable; log:\n{}",
+                self.metrics_addr,
+                self.log_text()
+            )
+        })
+    }
+
+    /// [`metric`](Self::metric), `None` while `/metrics` is unreachable (for waits).
+    pub fn metric_opt(&self, name: &str) -> Option<f64> {
+        let (status, body) = self.http("/metrics")?;
+        if status != 200 {
+            return None;
+        }
+        Some(
+            body.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter(|l| l.split(['{', ' ']).next() == Some(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 }
 
@@ -520,34 +565,68 @@ pub fn korean_sentences(n: usize) -> Vec<String> {
     s
 }
 
-/// The Qdrant endpoint for tests: a real Qdrant when `QDRANT_URL` is set (gRPC URL),
-/// else streambed's Qdrant-protocol test server as a child process (restartable).
+/// The Qdrant-protocol test server's binary (crates/qdrant-test-server), built into the
+/// same target folder as the tests (`cargo build --workspace`, as scripts/test.sh does).
+pub fn test_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("STREAMBED_QDRANT_TEST_SERVER") {
+        return PathBuf::from(p);
+    }
+    // tests run from target/<profile>/deps/
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("qdrant-test-server");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (cargo build --release --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// The Qdrant endpoint for tests: a real Qdrant when `QDRANT_URL` is set (gRPC URL, with
+/// `QDRANT_API_KEY` if it needs one), else the Qdrant-protocol test server as a child
+/// process (restartable). Points are read back through the real client in both cases.
 pub struct QdrantUnderTest {
     pub url: String,
     pub real: bool,
+    pub api_key: Option<String>,
     server: Option<Worker>,
     listen: String,
     path: PathBuf,
+    max_request_bytes: usize,
 }
 
 impl QdrantUnderTest {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, 4 * 1024 * 1024, None)
+    }
+
+    /// The test server with a request size limit and an API key (a real Qdrant keeps its
+    /// own settings: these are then only what the tests expect of it).
+    pub fn start_with(dir: &Path, max_request_bytes: usize, api_key: Option<&str>) -> Self {
         if let Ok(url) = std::env::var("QDRANT_URL") {
             return Self {
                 url,
                 real: true,
+                api_key: std::env::var("QDRANT_API_KEY").ok(),
                 server: None,
                 listen: String::new(),
                 path: PathBuf::new(),
+                max_request_bytes,
             };
         }
         let listen = format!("127.0.0.1:{}", free_port());
         let mut q = Self {
             url: format!("http://{listen}"),
             real: false,
+            api_key: api_key.map(str::to_string),
             server: None,
             listen,
             path: dir.join("qdrant"),
+            max_request_bytes,
         };
         q.up();
         q
@@ -560,17 +639,19 @@ impl QdrantUnderTest {
             .path
             .with_extension(format!("{}.log", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&self.path).unwrap();
-        let w = Worker::spawn(
-            &[
-                "qdrant-dev-server",
-                "--listen",
-                &self.listen,
-                "--path",
-                self.path.to_str().unwrap(),
-            ],
-            &[],
-            &log,
-        );
+        let mut args = vec![
+            "--listen".to_string(),
+            self.listen.clone(),
+            "--path".to_string(),
+            self.path.to_string_lossy().into_owned(),
+            "--max-request-bytes".to_string(),
+            self.max_request_bytes.to_string(),
+        ];
+        if let Some(k) = &self.api_key {
+            args.push("--api-key".into());
+            args.push(k.clone());
+        }
+        let w = Worker::spawn_bin(&test_server_bin(), &args, &[], &log);
         let addr = self.listen.clone();
         wait_until(
             "the Qdrant test server to listen",
@@ -587,17 +668,122 @@ impl QdrantUnderTest {
         }
     }
 
-    /// Reads every point of a collection straight from the test server's folder
-    /// (stop it first).
-    pub fn read_collection(
+    /// Switches a fault of the test server on (`Some(contents)`) or off (`None`):
+    /// `fail-writes`, `slow-writes` (milliseconds). See crates/qdrant-test-server.
+    pub fn fault(&self, name: &str, contents: Option<&str>) {
+        assert!(!self.real, "faults are injected into the test server only");
+        let f = self.path.join(name);
+        match contents {
+            Some(c) => std::fs::write(f, c).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+
+    /// Points of a collection read straight from the test server's folder: exact at the
+    /// moment the server was killed (call after [`down`](Self::down)).
+    pub fn read_offline(
         &self,
         collection: &str,
         dim: usize,
     ) -> HashMap<String, streambed::sink::Hit> {
+        assert!(
+            !self.real && self.server.is_none(),
+            "stop the test server first"
+        );
         read_store_at(&self.path.join(collection).join("shard"), dim)
     }
-}
 
+    /// A client for this endpoint (with its API key).
+    pub fn client(&self) -> qdrant_client::Qdrant {
+        let mut b = qdrant_client::Qdrant::from_url(&self.url).skip_compatibility_check();
+        if let Some(k) = &self.api_key {
+            b = b.api_key(k.clone());
+        }
+        b.build().unwrap()
+    }
+
+    /// Environment for a worker writing to `collection` here.
+    pub fn worker_env(&self, collection: &str) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("STREAMBED__SINK__KIND".to_string(), "qdrant".to_string()),
+            ("STREAMBED__QDRANT__URL".to_string(), self.url.clone()),
+            (
+                "STREAMBED__QDRANT__COLLECTION".to_string(),
+                collection.to_string(),
+            ),
+        ];
+        if let Some(k) = &self.api_key {
+            env.push(("STREAMBED__QDRANT__API_KEY".to_string(), k.clone()));
+        }
+        env
+    }
+
+    /// Every point of a collection with payload and vector, through the real client's
+    /// scroll (works against a real Qdrant and the test server alike, while it runs).
+    pub fn read_collection(
+        &self,
+        collection: &str,
+        _dim: usize,
+    ) -> HashMap<String, streambed::sink::Hit> {
+        use qdrant_client::qdrant::{point_id::PointIdOptions, ScrollPointsBuilder};
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let client = self.client();
+        rt.block_on(async {
+            let mut out = HashMap::new();
+            let mut offset = None;
+            loop {
+                let mut req = ScrollPointsBuilder::new(collection)
+                    .limit(1000)
+                    .with_payload(true)
+                    .with_vectors(true);
+                if let Some(o) = offset.take() {
+                    req = req.offset(o);
+                }
+                let page = client.scroll(req).await.unwrap();
+                for p in page.result {
+                    let id = match p.id.and_then(|i| i.point_id_options) {
+                        Some(PointIdOptions::Uuid(u)) => u,
+                        Some(PointIdOptions::Num(n)) => n.to_string(),
+                        None => String::new(),
+                    };
+                    #[allow(deprecated)]
+                    let vector = p.vectors.and_then(|v| match v.vectors_options {
+                        Some(qdrant_client::qdrant::vectors_output::VectorsOptions::Vector(v)) => {
+                            match v.vector {
+                                Some(qdrant_client::qdrant::vector_output::Vector::Dense(d)) => {
+                                    Some(d.data)
+                                }
+                                None => Some(v.data),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    });
+                    let payload = p
+                        .payload
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into_json()))
+                        .collect();
+                    out.insert(
+                        id.clone(),
+                        streambed::sink::Hit {
+                            id,
+                            score: 0.0,
+                            payload,
+                            vector,
+                        },
+                    );
+                }
+                match page.next_page_offset {
+                    Some(o) => offset = Some(o),
+                    None => return out,
+                }
+            }
+        })
+    }
+}
 /// Reads every point of an embedded shard folder (no process may hold it).
 pub fn read_store_at(shard: &Path, dim: usize) -> HashMap<String, streambed::sink::Hit> {
     use streambed::sink::embedded::EmbeddedSink;

@@ -42,10 +42,24 @@ mod tests {
         assert_ne!(from_entity(b"doc-1"), from_entity(b"doc-2"));
         assert_eq!(from_position("t", 0, 5), from_position("t", 0, 5));
         assert_ne!(from_position("t", 0, 5), from_position("t", 1, 5));
-        // Pinned: changing the derivation would orphan every stored point.
+        assert_eq!(from_entity(b"doc-1").get_version_num(), 5);
+    }
+
+    /// Pinned to literal values computed once: changing the namespace or the derivation
+    /// would orphan every stored point (replays would add instead of overwrite).
+    #[test]
+    fn ids_are_pinned() {
         assert_eq!(
             from_entity(b"doc-1").to_string(),
-            Uuid::new_v5(&NAMESPACE, b"doc-1").to_string()
+            "1f5bd9ae-3cb7-5b1f-be66-0ecd27fb3728"
+        );
+        assert_eq!(
+            from_position("events", 2, 17).to_string(),
+            "e807aa21-6aeb-571b-8092-3f851eb44dd1"
+        );
+        assert_eq!(
+            from_file_line("corpus.txt", 3).to_string(),
+            "b5044a96-a69b-58af-9561-4bb671cd3f63"
         );
         assert_eq!(from_entity(b"doc-1").get_version_num(), 5);
     }

@@ -1,9 +1,21 @@
 //! A Qdrant-protocol test server: qdrant-client's generated gRPC server traits, backed by
-//! the embedded store (qdrant-edge, one shard per collection, on disk). It lets tests and
-//! demos exercise the real Qdrant client over real gRPC where no Qdrant server can be
-//! installed. It covers what streambed uses (health check; collection create, exists,
-//! info, list, delete; point upsert, delete by id, get, search, count) for UUID ids and
-//! one unnamed cosine vector. Not for production: use Qdrant itself.
+//! the embedded store (qdrant-edge, one shard per collection, on disk). It covers what
+//! streambed uses (health check; collection create, exists, info, list, delete; point
+//! upsert, delete by id, get, scroll, search, count) for UUID ids and one unnamed cosine
+//! vector, and behaves like Qdrant 1.18 where streambed depends on it:
+//! - `wait=true` answers after the operation is applied (and flushed); `wait=false` (the
+//!   protocol's default) answers `Acknowledged` on acceptance and applies it later, in
+//!   order with the collection's other writes;
+//! - a request larger than the configured limit is refused (`OutOfRange`, tonic's own
+//!   message), as by the proxies that keep gRPC's 4 MiB default;
+//! - a wrong vector size, on upsert or search, is `InvalidArgument` naming the expected
+//!   dimension; a missing collection `NotFound`; store failures `Internal`;
+//! - with an API key set, a call without one is `Unauthenticated`, with a wrong one
+//!   `PermissionDenied`.
+//!
+//! Faults for tests, switched by files in the server's folder while it runs: `fail-writes`
+//! (upserts and deletes answer `Unavailable`, reads still work) and `slow-writes` (holding
+//! a number of milliseconds that each write waits before it is applied).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,28 +27,93 @@ use qdrant_client::qdrant::points_selector::PointsSelectorOneOf;
 use qdrant_client::qdrant::points_server::{Points, PointsServer};
 use qdrant_client::qdrant::qdrant_server::{Qdrant, QdrantServer};
 use qdrant_client::qdrant::{self as pb, vectors_config, Distance};
-use tokio::sync::Mutex;
+use streambed::sink::embedded::EmbeddedSink;
+use streambed::sink::{Point, Sink, SinkError};
+use tokio::sync::{mpsc, oneshot, Mutex};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::sink::embedded::EmbeddedSink;
-use crate::sink::{Point, Sink, SinkError};
+/// A write, applied by the collection's writer task in arrival order.
+struct Write {
+    upserts: Vec<Point>,
+    deletes: Vec<Uuid>,
+    /// `Some` for wait=true: told once applied.
+    applied: Option<oneshot::Sender<Result<(), Status>>>,
+}
 
 struct Collection {
-    sink: EmbeddedSink,
+    sink: Arc<EmbeddedSink>,
     dim: usize,
+    writes: mpsc::UnboundedSender<Write>,
+}
+
+impl Collection {
+    async fn write(
+        &self,
+        upserts: Vec<Point>,
+        deletes: Vec<Uuid>,
+        wait: bool,
+    ) -> Result<bool, Status> {
+        let (tx, rx) = oneshot::channel();
+        let w = Write {
+            upserts,
+            deletes,
+            applied: wait.then_some(tx),
+        };
+        self.writes
+            .send(w)
+            .map_err(|_| Status::unavailable("collection closed"))?;
+        if wait {
+            rx.await
+                .map_err(|_| Status::unavailable("collection closed"))??;
+        }
+        Ok(wait)
+    }
 }
 
 #[derive(Clone)]
-pub struct DevServer {
+pub struct TestServer {
     root: PathBuf,
     collections: Arc<Mutex<HashMap<String, Arc<Collection>>>>,
 }
 
 fn status(e: SinkError) -> Status {
     match e {
-        SinkError::Transient(m) => Status::unavailable(m),
+        SinkError::Transient(m) => Status::internal(m),
+        SinkError::Rejected { detail, .. } => Status::invalid_argument(detail),
         SinkError::Permanent(m) => Status::invalid_argument(m),
+    }
+}
+
+fn wrong_dim(expected: usize, got: usize) -> Status {
+    Status::invalid_argument(format!(
+        "Wrong input: Vector dimension error: expected dim: {expected}, got {got}"
+    ))
+}
+
+/// Qdrant's API key check: `api-key: KEY` or `authorization: Bearer KEY`.
+#[allow(clippy::result_large_err)]
+fn check_key(expected: &Option<String>, r: &Request<()>) -> Result<(), Status> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let md = r.metadata();
+    let given = md
+        .get("api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| {
+            md.get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_string)
+        });
+    match given {
+        None => Err(Status::unauthenticated(
+            "Must provide an API key or an Authorization bearer token",
+        )),
+        Some(k) if &k == expected => Ok(()),
+        Some(_) => Err(Status::permission_denied("Invalid API key or JWT")),
     }
 }
 
@@ -96,7 +173,7 @@ fn elapsed(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-impl DevServer {
+impl TestServer {
     pub fn new(root: PathBuf) -> Self {
         Self {
             root,
@@ -121,11 +198,40 @@ impl DevServer {
             .trim()
             .parse()
             .map_err(|_| Status::internal("bad dim file"))?;
-        let sink = EmbeddedSink::open(dir.join("shard"));
+        let sink = Arc::new(EmbeddedSink::open(dir.join("shard")));
         sink.ensure_collection(dim).await.map_err(status)?;
-        let c = Arc::new(Collection { sink, dim });
+        let (writes, mut rx) = mpsc::unbounded_channel::<Write>();
+        let writer = sink.clone();
+        let slow = self.root.join("slow-writes");
+        tokio::spawn(async move {
+            while let Some(w) = rx.recv().await {
+                if let Some(ms) = std::fs::read_to_string(&slow)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u64>().ok())
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                let r = writer.write(w.upserts, w.deletes).await.map_err(status);
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "write failed");
+                }
+                if let Some(tx) = w.applied {
+                    let _ = tx.send(r);
+                }
+            }
+        });
+        let c = Arc::new(Collection { sink, dim, writes });
         map.insert(name.to_string(), c.clone());
         Ok(Some(c))
+    }
+
+    /// The `fail-writes` fault (see the module comment).
+    #[allow(clippy::result_large_err)]
+    fn injected_write_fault(&self) -> Result<(), Status> {
+        if self.root.join("fail-writes").exists() {
+            return Err(Status::unavailable("injected fault: writes unavailable"));
+        }
+        Ok(())
     }
 
     async fn must(&self, name: &str) -> Result<Arc<Collection>, Status> {
@@ -138,13 +244,28 @@ impl DevServer {
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        max_request_bytes: usize,
+        api_key: Option<String>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        use tonic::service::interceptor::InterceptedService;
         let incoming = tokio_stream_listener(listener);
+        let auth = move |r: Request<()>| check_key(&api_key, &r).map(|()| r);
         tonic::transport::Server::builder()
-            .add_service(QdrantServer::new(self.clone()))
-            .add_service(CollectionsServer::new(self.clone()))
-            .add_service(PointsServer::new(self))
+            .add_service(InterceptedService::new(
+                QdrantServer::new(self.clone()).max_decoding_message_size(max_request_bytes),
+                auth.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                CollectionsServer::new(self.clone()).max_decoding_message_size(max_request_bytes),
+                auth.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                PointsServer::new(self)
+                    .max_decoding_message_size(max_request_bytes)
+                    .max_encoding_message_size(usize::MAX),
+                auth,
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
@@ -161,7 +282,7 @@ fn tokio_stream_listener(
 }
 
 #[tonic::async_trait]
-impl Qdrant for DevServer {
+impl Qdrant for TestServer {
     async fn health_check(
         &self,
         _: Request<pb::HealthCheckRequest>,
@@ -175,7 +296,7 @@ impl Qdrant for DevServer {
 }
 
 #[tonic::async_trait]
-impl Collections for DevServer {
+impl Collections for TestServer {
     async fn get(
         &self,
         r: Request<pb::GetCollectionInfoRequest>,
@@ -354,11 +475,16 @@ impl Collections for DevServer {
     }
 }
 
-fn done(t: Instant) -> Response<pb::PointsOperationResponse> {
+fn done(t: Instant, applied: bool) -> Response<pb::PointsOperationResponse> {
+    let status = if applied {
+        pb::UpdateStatus::Completed
+    } else {
+        pb::UpdateStatus::Acknowledged
+    };
     Response::new(pb::PointsOperationResponse {
         result: Some(pb::UpdateResult {
             operation_id: Some(0),
-            status: pb::UpdateStatus::Completed as i32,
+            status: status as i32,
         }),
         time: elapsed(t),
         ..Default::default()
@@ -366,7 +492,7 @@ fn done(t: Instant) -> Response<pb::PointsOperationResponse> {
 }
 
 #[tonic::async_trait]
-impl Points for DevServer {
+impl Points for TestServer {
     async fn upsert(
         &self,
         r: Request<pb::UpsertPoints>,
@@ -374,6 +500,7 @@ impl Points for DevServer {
         let t = Instant::now();
         let req = r.into_inner();
         let c = self.must(&req.collection_name).await?;
+        self.injected_write_fault()?;
         let mut points = Vec::with_capacity(req.points.len());
         for p in req.points {
             let id = uuid_of(
@@ -382,11 +509,7 @@ impl Points for DevServer {
             )?;
             let vector = dense_of(p.vectors)?;
             if vector.len() != c.dim {
-                return Err(Status::invalid_argument(format!(
-                    "Wrong input: Vector dimension error: expected dim: {}, got {}",
-                    c.dim,
-                    vector.len()
-                )));
+                return Err(wrong_dim(c.dim, vector.len()));
             }
             let payload = qdrant_client::Payload::from(p.payload).into();
             points.push(Point {
@@ -396,8 +519,10 @@ impl Points for DevServer {
             });
         }
         // The embedded store flushes every write, which is what wait=true promises.
-        c.sink.write(points, Vec::new()).await.map_err(status)?;
-        Ok(done(t))
+        let applied = c
+            .write(points, Vec::new(), req.wait.unwrap_or(false))
+            .await?;
+        Ok(done(t, applied))
     }
 
     async fn delete(
@@ -407,6 +532,7 @@ impl Points for DevServer {
         let t = Instant::now();
         let req = r.into_inner();
         let c = self.must(&req.collection_name).await?;
+        self.injected_write_fault()?;
         let ids = match req.points.and_then(|p| p.points_selector_one_of) {
             Some(PointsSelectorOneOf::Points(list)) => list
                 .ids
@@ -415,8 +541,8 @@ impl Points for DevServer {
                 .collect::<Result<Vec<_>, _>>()?,
             _ => return Err(unsupported("delete by filter")),
         };
-        c.sink.write(Vec::new(), ids).await.map_err(status)?;
-        Ok(done(t))
+        let applied = c.write(Vec::new(), ids, req.wait.unwrap_or(false)).await?;
+        Ok(done(t, applied))
     }
 
     async fn get(&self, r: Request<pb::GetPoints>) -> Result<Response<pb::GetResponse>, Status> {
@@ -460,6 +586,9 @@ impl Points for DevServer {
         let c = self.must(&req.collection_name).await?;
         if req.filter.is_some() || req.vector_name.is_some() {
             return Err(unsupported("filters and named vectors"));
+        }
+        if req.vector.len() != c.dim {
+            return Err(wrong_dim(c.dim, req.vector.len()));
         }
         let hits = c
             .sink
@@ -586,9 +715,52 @@ impl Points for DevServer {
 
     async fn scroll(
         &self,
-        _: Request<pb::ScrollPoints>,
+        r: Request<pb::ScrollPoints>,
     ) -> Result<Response<pb::ScrollResponse>, Status> {
-        Err(unsupported("scroll"))
+        let t = Instant::now();
+        let req = r.into_inner();
+        if req.filter.is_some() || req.order_by.is_some() {
+            return Err(unsupported("scroll with a filter or order"));
+        }
+        let c = self.must(&req.collection_name).await?;
+        let with_vectors = req.with_vectors.is_some_and(|w| {
+            matches!(
+                w.selector_options,
+                Some(pb::with_vectors_selector::SelectorOptions::Enable(true))
+            )
+        });
+        let from = req.offset.as_ref().map(uuid_of).transpose()?;
+        let limit = req.limit.unwrap_or(10).max(1) as usize;
+        let mut hits = c.sink.scroll_all().await.map_err(status)?;
+        hits.sort_by_key(|h| Uuid::parse_str(&h.id).unwrap_or_default());
+        let mut page: Vec<_> = hits
+            .into_iter()
+            .filter(|h| from.is_none_or(|f| Uuid::parse_str(&h.id).is_ok_and(|u| u >= f)))
+            .take(limit + 1)
+            .collect();
+        let next_page_offset = (page.len() > limit).then(|| {
+            let next = page.pop().expect("limit + 1 taken");
+            pb::PointId::from(next.id)
+        });
+        let result = page
+            .into_iter()
+            .map(|h| pb::RetrievedPoint {
+                id: Some(pb::PointId::from(h.id)),
+                payload: payload_grpc(h.payload),
+                vectors: if with_vectors {
+                    h.vector.map(vector_output)
+                } else {
+                    None
+                },
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::ScrollResponse {
+            next_page_offset,
+            result,
+            time: elapsed(t),
+            ..Default::default()
+        }))
     }
 
     async fn recommend(
