@@ -54,9 +54,10 @@ async fn qdrant_sink_round_trip_over_grpc() {
         cfg.api_key = serde_json::from_value(json!(k)).unwrap();
     }
     let sink = QdrantSink::connect(&cfg).unwrap();
-    sink.ping().await.unwrap();
+    assert!(sink.ping().await.is_err(), "no collection yet: not healthy");
     sink.ensure_collection(8).await.unwrap();
     sink.ensure_collection(8).await.unwrap(); // idempotent
+    sink.ping().await.unwrap();
 
     let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
     let points = ids
