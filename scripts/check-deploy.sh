@@ -10,6 +10,7 @@ if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; t
 fi
 promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts.test.yml
 docker-compose -f docker-compose.yml config -q
 python3 -c 'import json,sys; json.load(open("deploy/grafana/dashboards/streambed.json"))'
 echo "deploy files OK"

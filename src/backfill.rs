@@ -22,7 +22,7 @@ use crate::ids;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::pipeline::{self, Completion, DeadLetters, DeliveryError, Item, Op, Origin};
-use crate::run::{load_model, open_sink, pipeline_config};
+use crate::run::{load_model, open_sink, pipeline_config, serve_metrics};
 use crate::settings::{MessageFormat, MessageSettings, Settings};
 use crate::source::decode::{decode, Decoded, Record, Rejection};
 use crate::source::kafka::blocking_here;
@@ -31,6 +31,8 @@ use crate::source::kafka::blocking_here;
 enum Kind {
     JsonLines,
     Csv,
+    /// Tab-separated, with a header row: read as CSV with a tab.
+    Tsv,
     Text,
 }
 
@@ -40,6 +42,7 @@ fn kind_of(path: &Path) -> Option<Kind> {
     match Path::new(name).extension()?.to_str()? {
         "jsonl" | "ndjson" | "json" => Some(Kind::JsonLines),
         "csv" => Some(Kind::Csv),
+        "tsv" => Some(Kind::Tsv),
         "txt" | "text" => Some(Kind::Text),
         _ => None,
     }
@@ -50,7 +53,7 @@ pub fn list_inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if input.is_file() {
         kind_of(input).with_context(|| {
             format!(
-                "{}: use .jsonl, .csv or .txt (optionally .gz)",
+                "{}: use .jsonl, .csv, .tsv or .txt (optionally .gz)",
                 input.display()
             )
         })?;
@@ -203,7 +206,9 @@ fn line_item(file: &Arc<str>, line: u64, raw: Vec<u8>, kind: Kind, cfg: &Message
             };
             &cfg_for_kind
         }
-        Kind::JsonLines | Kind::Csv => {
+        // JSON lines may hold Debezium change events (a topic dumped to files).
+        Kind::JsonLines if cfg.format == MessageFormat::Debezium => cfg,
+        Kind::JsonLines | Kind::Csv | Kind::Tsv => {
             cfg_for_kind = MessageSettings {
                 format: MessageFormat::Json,
                 ..cfg.clone()
@@ -265,8 +270,10 @@ async fn feed_file(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(256);
     // Reading and decompressing are blocking; they run on their own thread.
     let reading = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        if kind == Kind::Csv {
-            let mut r = csv::Reader::from_reader(reader);
+        if matches!(kind, Kind::Csv | Kind::Tsv) {
+            let mut r = csv::ReaderBuilder::new()
+                .delimiter(if kind == Kind::Tsv { b'\t' } else { b',' })
+                .from_reader(reader);
             let headers = r.headers()?.clone();
             for (n, rec) in r.records().enumerate() {
                 let line = n as u64;
@@ -346,14 +353,26 @@ pub async fn backfill(
     let files = list_inputs(input)?;
     anyhow::ensure!(
         !files.is_empty(),
-        "{}: no .jsonl, .csv or .txt files found",
+        "{}: no .jsonl, .csv, .tsv or .txt files found",
         input.display()
     );
     let n_files = files.len();
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
+    // A long backfill is watched like the worker: /metrics, /healthz, /readyz.
+    serve_metrics(&s, &metrics, stop_rx.clone()).await?;
     let model = load_model(&s, &metrics, &s.model.prefix).await?;
     let sink = open_sink(&s, model.info.dim, &mut stop_rx.clone()).await?;
+    // The input files are the source: ready once the store is open.
+    metrics
+        .ready
+        .source_ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics
+        .ready
+        .sink_reachable
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    crate::run::watch_sink(sink.clone(), metrics.clone(), stop_rx.clone());
     let cp = Checkpoint::load(checkpoint)?;
     let any_gz = files
         .iter()
@@ -538,6 +557,7 @@ mod tests {
         assert_eq!(kind_of(Path::new("a/b.jsonl")), Some(Kind::JsonLines));
         assert_eq!(kind_of(Path::new("b.CSV.gz")), Some(Kind::Csv));
         assert_eq!(kind_of(Path::new("c.txt")), Some(Kind::Text));
+        assert_eq!(kind_of(Path::new("e.tsv.gz")), Some(Kind::Tsv));
         assert_eq!(kind_of(Path::new("d.parquet")), None);
     }
 

@@ -350,6 +350,11 @@ impl Settings {
                 "is empty; name the JSON field holding the text (e.g. \"text\")",
             ));
         }
+        if let Some(t) = &self.message.text_template {
+            if let Err(e) = streambed_decode::message::check_template(t) {
+                return Err(invalid("message.text_template", e));
+            }
+        }
         if self.message.max_message_bytes == 0 {
             return Err(invalid(
                 "message.max_message_bytes",

@@ -12,6 +12,7 @@ fn exported() -> HashSet<String> {
     m.stage_seconds.with_label_values(&["embed"]).observe(0.1);
     m.consumer_lag.with_label_values(&["t", "0"]).set(1);
     m.committed_offset.with_label_values(&["t", "0"]).set(1);
+    m.sink_errors.with_label_values(&["rejected"]).inc();
     m.model_info
         .with_label_values(&["m", "384", "cpu", "f32"])
         .set(1.0);

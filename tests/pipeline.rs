@@ -412,8 +412,15 @@ fn backfill_reads_csv_gzip_text_and_jsonl_from_a_directory() {
         "{\"id\": \"j1\", \"text\": \"제이슨 문장\"}\n",
     )
     .unwrap();
+    std::fs::write(
+        input.join("d.tsv"),
+        "id\ttext\tlang\nt1\t탭으로 나눈 문장, 쉼표도\tko\nt2\t둘째 탭 문장\tko\n",
+    )
+    .unwrap();
     std::fs::write(input.join("ignored.parquet"), "not read").unwrap();
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
     let env = vec![
+        ("STREAMBED__METRICS__ADDR".to_string(), metrics_addr.clone()),
         (
             "STREAMBED__MODEL__PATH".to_string(),
             e5_model().to_string_lossy().into_owned(),
@@ -438,9 +445,17 @@ fn backfill_reads_csv_gzip_text_and_jsonl_from_a_directory() {
         "{}",
         w.log_text()
     );
-    assert!(w.log_text().contains("files=3 lines=6"), "{}", w.log_text());
+    assert!(w.log_text().contains("files=4 lines=8"), "{}", w.log_text());
+    assert!(
+        w.log_text().contains("serving /metrics") && w.log_text().contains(&metrics_addr),
+        "a backfill serves /metrics like run: {}",
+        w.log_text()
+    );
     let points = read_store(&dir.path().join("store"), DIM);
-    assert_eq!(points.len(), 6);
+    assert_eq!(points.len(), 8);
+    let t1 = &points[&ids::from_entity(b"t1").to_string()];
+    assert_eq!(t1.payload["text"], "탭으로 나눈 문장, 쉼표도");
+    assert_eq!(t1.payload["lang"], "ko");
     let c1 = &points[&ids::from_entity(b"c1").to_string()];
     assert_eq!(c1.payload["text"], "쉼표, 그리고 따옴표\"가 있는 문장");
     assert_eq!(c1.payload["lang"], "ko");
@@ -449,4 +464,144 @@ fn backfill_reads_csv_gzip_text_and_jsonl_from_a_directory() {
     assert_eq!(line1.payload["text"], "둘째 줄 😀");
     assert_eq!(line1.payload["line"], 1);
     assert!(points.contains_key(&ids::from_entity(b"j1").to_string()));
+}
+
+/// Debezium change events for one table, through the real broker and the store: snapshot
+/// reads, a create, an update, a delete with its tombstone, a truncate; with and without
+/// the schema wrapper; the primary key in the record key. The text comes from a template
+/// over two columns. The store ends equal to the table's final state, and the rows that
+/// cannot be embedded are dead-lettered with their reason.
+#[test]
+fn debezium_change_events_leave_the_store_equal_to_the_table() {
+    let _g = heavy();
+    let Scenario {
+        broker,
+        topic,
+        group,
+        dir,
+    } = Scenario::new(1);
+    let source = serde_json::json!({"db": "shop", "schema": "public", "table": "articles"});
+    let event = |op: &str, before: serde_json::Value, after: serde_json::Value, wrapped: bool| {
+        let payload = serde_json::json!({
+            "before": before, "after": after, "op": op, "source": source, "ts_ms": 1
+        });
+        let v = if wrapped {
+            serde_json::json!({"schema": {"type": "struct", "name": "envelope"}, "payload": payload})
+        } else {
+            payload
+        };
+        Some(v.to_string().into_bytes())
+    };
+    let key = |id: i64, wrapped: bool| {
+        let k = if wrapped {
+            serde_json::json!({"schema": {"type": "struct"}, "payload": {"id": id}})
+        } else {
+            serde_json::json!({"id": id})
+        };
+        Some(k.to_string().into_bytes())
+    };
+    let row = |id: i64, title: &str, body: serde_json::Value| serde_json::json!({"id": id, "title": title, "body": body, "lang": "ko"});
+    let null = serde_json::Value::Null;
+    let msgs: Vec<Msg> = vec![
+        (
+            key(1, true),
+            event("r", null.clone(), row(1, "서울", "수도입니다".into()), true),
+        ),
+        (
+            key(2, false),
+            event("r", null.clone(), row(2, "부산", "항구 도시".into()), false),
+        ),
+        (
+            key(3, true),
+            event("r", null.clone(), row(3, "대구", "분지".into()), true),
+        ),
+        (
+            key(4, false),
+            event("c", null.clone(), row(4, "인천", "공항".into()), false),
+        ),
+        (
+            key(2, false),
+            event(
+                "u",
+                row(2, "부산", "항구 도시".into()),
+                row(2, "부산광역시", "바다".into()),
+                false,
+            ),
+        ),
+        (
+            key(3, true),
+            event("d", row(3, "대구", "분지".into()), null.clone(), true),
+        ),
+        (key(3, true), None),
+        // A missing body: the template renders the title alone.
+        (
+            key(5, false),
+            event(
+                "c",
+                null.clone(),
+                serde_json::json!({"id": 5, "title": "광주"}),
+                false,
+            ),
+        ),
+        // A body that is an object: not text.
+        (
+            key(6, false),
+            event(
+                "c",
+                null.clone(),
+                row(6, "대전", serde_json::json!({"x": 1})),
+                false,
+            ),
+        ),
+        // Nothing to embed.
+        (
+            key(7, false),
+            event("c", null.clone(), row(7, "", null.clone()), false),
+        ),
+        (None, event("t", null.clone(), null.clone(), false)),
+    ];
+    let ends = broker.produce(&topic, &msgs);
+    let mut env = worker_env(&broker, &topic, &group, dir.path());
+    env.push(("STREAMBED__MESSAGE__FORMAT".into(), "debezium".into()));
+    env.push((
+        "STREAMBED__MESSAGE__TEXT_TEMPLATE".into(),
+        "{title}\n\n{body}".into(),
+    ));
+    env.push(("STREAMBED__MESSAGE__METADATA_FIELDS".into(), "lang".into()));
+    let mut w = Worker::spawn(&["run"], &env, &dir.path().join("worker.log"));
+    broker.wait_committed(&group, &topic, &ends, Duration::from_secs(120));
+    w.stop();
+    let points = read_store(dir.path(), DIM);
+    let text_of = |id: &str| {
+        points
+            .get(&ids::from_entity(id.as_bytes()).to_string())
+            .map(|p| p.payload["text"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        points.len(),
+        4,
+        "{:?}",
+        points.values().map(|p| &p.payload).collect::<Vec<_>>()
+    );
+    assert_eq!(text_of("1").as_deref(), Some("서울\n\n수도입니다"));
+    assert_eq!(
+        text_of("2").as_deref(),
+        Some("부산광역시\n\n바다"),
+        "the update won"
+    );
+    assert_eq!(text_of("3"), None, "deleted");
+    assert_eq!(text_of("4").as_deref(), Some("인천\n\n공항"));
+    assert_eq!(text_of("5").as_deref(), Some("광주\n\n"));
+    let p2 = &points[&ids::from_entity(b"2").to_string()];
+    assert_eq!(p2.payload["lang"], "ko");
+    assert_eq!(p2.payload["source_table"], "articles");
+    let dead = broker.read(&format!("{topic}-dlq"), 3, Duration::from_secs(30));
+    let reasons: HashSet<&str> = dead
+        .iter()
+        .map(|r| r.headers["streambed.reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        HashSet::from(["text_not_string", "empty_text", "debezium_truncate"])
+    );
 }

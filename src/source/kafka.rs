@@ -260,12 +260,14 @@ pub fn consumer(
     // added to the latency of a quiet stream on brokers that hold fetches to the limit
     // (tansu does); 100 ms costs a few idle fetches per second.
     default_property(&mut c, k, "fetch.wait.max.ms", "100");
-    let consumer: KafkaConsumer = c.create_with_context(SourceContext {
-        tracker,
-        metrics,
-        drain_timeout,
-        shutdown_deadline: Mutex::new(None),
-    })?;
+    let consumer: KafkaConsumer = c
+        .create_with_context(SourceContext {
+            tracker,
+            metrics,
+            drain_timeout,
+            shutdown_deadline: Mutex::new(None),
+        })
+        .map_err(redacted)?;
     let topics: Vec<&str> = k.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(Arc::new(consumer))
@@ -276,7 +278,23 @@ pub fn producer(k: &KafkaSettings) -> anyhow::Result<FutureProducer> {
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.timeout.ms", "30000");
-    Ok(c.create()?)
+    c.create().map_err(redacted)
+}
+
+/// librdkafka's configuration errors quote the property's value; a secret one must not
+/// reach the log that way.
+fn redacted(e: rdkafka::error::KafkaError) -> anyhow::Error {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, key, value) => {
+            let value = if is_secret_property(&key) {
+                "<redacted>"
+            } else {
+                value.as_str()
+            };
+            anyhow::anyhow!("librdkafka refused kafka.properties {key:?} = {value:?}: {desc}")
+        }
+        other => other.into(),
+    }
 }
 
 /// Commits finished offsets: stores the contiguous finished prefix for librdkafka's

@@ -530,7 +530,8 @@ impl Worker {
                 .filter(|l| !l.starts_with('#'))
                 .filter(|l| l.split(['{', ' ']).next() == Some(name))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
+                // (an empty f64 sum is -0.0)
+                .fold(0.0, |a, b| a + b),
         )
     }
 
