@@ -100,21 +100,7 @@ fn prometheus_scrapes_the_worker_and_every_rule_and_panel_evaluates() {
         group,
         dir,
     } = Scenario::new(2);
-    let mut msgs: Vec<Msg> = korean_sentences(300)
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let id = format!("m-{i}");
-            (
-                Some(id.clone().into_bytes()),
-                Some(
-                    serde_json::json!({"id": id, "text": s})
-                        .to_string()
-                        .into_bytes(),
-                ),
-            )
-        })
-        .collect();
+    let mut msgs = korean_json_messages(300, "m");
     msgs.push((Some(b"bad".to_vec()), Some(b"{not json".to_vec())));
     msgs.push((Some(b"m-0".to_vec()), None));
     let ends = broker.produce(&topic, &msgs);

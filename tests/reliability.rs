@@ -243,11 +243,7 @@ fn an_encoder_failure_exits_non_zero_and_commits_nothing() {
         dir,
     } = Scenario::new(1);
     let model = broken_model(dir.path());
-    let msgs: Vec<Msg> = korean_sentences(20)
-        .iter()
-        .enumerate()
-        .map(|(i, s)| json_msg(&format!("e-{i}"), s))
-        .collect();
+    let msgs: Vec<Msg> = korean_json_messages(20, "e");
     broker.produce(&topic, &msgs);
     let mut env = worker_env(&broker, &topic, &group, dir.path());
     env.retain(|(k, _)| k != "STREAMBED__MODEL__PATH");
@@ -305,15 +301,9 @@ fn readiness_stays_not_ready_while_writes_fail() {
     env.extend(q.worker_env(&collection));
     env.push(("STREAMBED__SINK__RETRY_MAX_MS".into(), "500".into()));
     let mut w = Worker::spawn(&["run"], &env, &dir.path().join("worker.log"));
-    wait_until("/readyz 200", Duration::from_secs(120), || {
-        w.http("/readyz").map(|r| r.0) == Some(200)
-    });
+    w.wait_ready(Duration::from_secs(120));
     q.fault("fail-writes", Some(""));
-    let msgs: Vec<Msg> = korean_sentences(50)
-        .iter()
-        .enumerate()
-        .map(|(i, s)| json_msg(&format!("r-{i}"), s))
-        .collect();
+    let msgs: Vec<Msg> = korean_json_messages(50, "r");
     let ends = broker.produce(&topic, &msgs);
     wait_until(
         "/readyz 503 for failing writes",
@@ -359,9 +349,7 @@ fn the_embedded_store_health_check_is_real() {
     } = Scenario::new(1);
     let env = worker_env(&broker, &topic, &group, dir.path());
     let mut w = Worker::spawn(&["run"], &env, &dir.path().join("worker.log"));
-    wait_until("/readyz 200", Duration::from_secs(120), || {
-        w.http("/readyz").map(|r| r.0) == Some(200)
-    });
+    w.wait_ready(Duration::from_secs(120));
     std::fs::remove_file(dir.path().join("streambed").join("edge_config.json")).unwrap();
     wait_until("/readyz 503", Duration::from_secs(10), || {
         w.http("/readyz")
@@ -388,12 +376,7 @@ fn permanent_store_errors_after_start_stop_the_worker() {
         eprintln!("QDRANT_URL is set: the test restarts the server with another key; skipped");
         return;
     }
-    let sentences = korean_sentences(200);
-    let msgs: Vec<Msg> = sentences
-        .iter()
-        .enumerate()
-        .map(|(i, s)| json_msg(&format!("k-{i}"), s))
-        .collect();
+    let msgs = korean_json_messages(200, "k");
 
     // 1. The collection is recreated with another dimension while the worker runs.
     let collection = unique("c");
@@ -486,15 +469,9 @@ fn the_whole_shutdown_fits_its_deadline() {
     env.push(("STREAMBED__SHUTDOWN__DEADLINE_MS".into(), "2000".into()));
     env.push(("STREAMBED__QDRANT__TIMEOUT_MS".into(), "60000".into()));
     let mut w = Worker::spawn(&["run"], &env, &dir.path().join("worker.log"));
-    wait_until("/readyz 200", Duration::from_secs(120), || {
-        w.http("/readyz").map(|r| r.0) == Some(200)
-    });
+    w.wait_ready(Duration::from_secs(120));
     q.fault("slow-writes", Some("30000"));
-    let msgs: Vec<Msg> = korean_sentences(40)
-        .iter()
-        .enumerate()
-        .map(|(i, s)| json_msg(&format!("s-{i}"), s))
-        .collect();
+    let msgs: Vec<Msg> = korean_json_messages(40, "s");
     broker.produce(&topic, &msgs);
     wait_until("a write in flight", Duration::from_secs(60), || {
         w.metric("streambed_messages_embedded_total") >= 1.0

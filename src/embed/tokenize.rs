@@ -192,12 +192,14 @@ fn wordpiece_from_vocab(dir: &Path) -> Result<Tokenizer, EmbedError> {
     let sep = id("[SEP]")?;
     let lowercase = cfg.do_lower_case.unwrap_or(true);
     let mut tokenizer = Tokenizer::new(TokModel::Crate(Box::new(wordpiece.into())));
-    tokenizer.with_normalizer(Some(BertNormalizer::new(
-        true,
-        cfg.tokenize_chinese_chars.unwrap_or(true),
-        cfg.strip_accents,
-        lowercase,
-    )));
+    tokenizer
+        .with_normalizer(Some(BertNormalizer::new(
+            true,
+            cfg.tokenize_chinese_chars.unwrap_or(true),
+            cfg.strip_accents,
+            lowercase,
+        )))
+        .map_err(|e| model_err(format!("cannot set the normalizer: {e}")))?;
     tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
     tokenizer.with_post_processor(Some(BertProcessing::new(
         ("[SEP]".into(), sep),

@@ -535,6 +535,13 @@ impl Worker {
         )
     }
 
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self, timeout: Duration) {
+        wait_until("/readyz 200", timeout, || {
+            self.http("/readyz").map(|r| r.0) == Some(200)
+        });
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child
@@ -555,6 +562,25 @@ impl Drop for Worker {
 /// Opens an embedded store (the worker must have stopped) and reads every point.
 pub fn read_store(path: &Path, dim: usize) -> HashMap<String, streambed::sink::Hit> {
     read_store_at(&path.join("streambed"), dim)
+}
+
+/// `n` JSON messages of KorSTS sentences, keyed and identified `{prefix}-{i}`.
+pub fn korean_json_messages(n: usize, prefix: &str) -> Vec<Msg> {
+    korean_sentences(n)
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let id = format!("{prefix}-{i}");
+            (
+                Some(id.clone().into_bytes()),
+                Some(
+                    serde_json::json!({"id": id, "text": s})
+                        .to_string()
+                        .into_bytes(),
+                ),
+            )
+        })
+        .collect()
 }
 
 /// KorSTS sentences, distinct, in file order.

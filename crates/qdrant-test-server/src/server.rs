@@ -165,6 +165,28 @@ fn vector_output(v: Vec<f32>) -> pb::VectorsOutput {
     }
 }
 
+fn wants_vectors(w: Option<pb::WithVectorsSelector>) -> bool {
+    w.is_some_and(|w| {
+        matches!(
+            w.selector_options,
+            Some(pb::with_vectors_selector::SelectorOptions::Enable(true))
+        )
+    })
+}
+
+fn retrieved(h: streambed::sink::Hit, with_vectors: bool) -> pb::RetrievedPoint {
+    pb::RetrievedPoint {
+        id: Some(pb::PointId::from(h.id)),
+        payload: payload_grpc(h.payload),
+        vectors: if with_vectors {
+            h.vector.map(vector_output)
+        } else {
+            None
+        },
+        ..Default::default()
+    }
+}
+
 fn payload_grpc(p: serde_json::Map<String, serde_json::Value>) -> HashMap<String, pb::Value> {
     qdrant_client::Payload::from(p).into()
 }
@@ -550,25 +572,11 @@ impl Points for TestServer {
         let req = r.into_inner();
         let c = self.must(&req.collection_name).await?;
         let ids = req.ids.iter().map(uuid_of).collect::<Result<Vec<_>, _>>()?;
-        let with_vectors = req.with_vectors.is_some_and(|w| {
-            matches!(
-                w.selector_options,
-                Some(pb::with_vectors_selector::SelectorOptions::Enable(true))
-            )
-        });
+        let with_vectors = wants_vectors(req.with_vectors);
         let hits = c.sink.retrieve(ids).await.map_err(status)?;
         let result = hits
             .into_iter()
-            .map(|h| pb::RetrievedPoint {
-                id: Some(pb::PointId::from(h.id)),
-                payload: payload_grpc(h.payload),
-                vectors: if with_vectors {
-                    h.vector.map(vector_output)
-                } else {
-                    None
-                },
-                ..Default::default()
-            })
+            .map(|h| retrieved(h, with_vectors))
             .collect();
         Ok(Response::new(pb::GetResponse {
             result,
@@ -723,12 +731,7 @@ impl Points for TestServer {
             return Err(unsupported("scroll with a filter or order"));
         }
         let c = self.must(&req.collection_name).await?;
-        let with_vectors = req.with_vectors.is_some_and(|w| {
-            matches!(
-                w.selector_options,
-                Some(pb::with_vectors_selector::SelectorOptions::Enable(true))
-            )
-        });
+        let with_vectors = wants_vectors(req.with_vectors);
         let from = req.offset.as_ref().map(uuid_of).transpose()?;
         let limit = req.limit.unwrap_or(10).max(1) as usize;
         let mut hits = c.sink.scroll_all().await.map_err(status)?;
@@ -744,16 +747,7 @@ impl Points for TestServer {
         });
         let result = page
             .into_iter()
-            .map(|h| pb::RetrievedPoint {
-                id: Some(pb::PointId::from(h.id)),
-                payload: payload_grpc(h.payload),
-                vectors: if with_vectors {
-                    h.vector.map(vector_output)
-                } else {
-                    None
-                },
-                ..Default::default()
-            })
+            .map(|h| retrieved(h, with_vectors))
             .collect();
         Ok(Response::new(pb::ScrollResponse {
             next_page_offset,
