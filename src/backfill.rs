@@ -25,7 +25,7 @@ use crate::pipeline::{self, Completion, DeadLetters, DeliveryError, Item, Op, Or
 use crate::run::{load_model, open_sink, pipeline_config, serve_metrics};
 use crate::settings::{MessageFormat, MessageSettings, Settings};
 use crate::source::decode::{decode, Decoded, Record, Rejection};
-use crate::source::kafka::blocking_here;
+use crate::util::blocking_here;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {

@@ -1,4 +1,4 @@
-//! Small helpers shared by commands and benchmarks.
+//! Small helpers shared by commands, stages and benchmarks.
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), 0 where unknown.
 pub fn peak_rss_mb() -> f64 {
@@ -29,4 +29,17 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs blocking work from async code without stalling a runtime worker: `block_in_place`
+/// on a multi-threaded runtime (the other tasks move to other workers; order is kept
+/// because the caller waits), directly elsewhere (a plain thread, a test runtime).
+pub fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
+    let in_runtime = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if in_runtime {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
 }

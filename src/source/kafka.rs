@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, Tp};
 use crate::pipeline::{Completion, DeadLetters, DeliveryError, Hold, Item, Op, Origin};
 use crate::settings::{is_secret_property, KafkaSettings, MessageSettings};
+use crate::util::blocking_here;
 
 pub type Tracker = Arc<Mutex<OffsetTracker>>;
 
@@ -145,19 +146,6 @@ impl SourceContext {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-}
-
-/// Runs blocking work from async code without stalling a runtime worker: `block_in_place`
-/// on a multi-threaded runtime (the other tasks move to other workers; order is kept
-/// because the caller waits), directly elsewhere (a plain thread, a test runtime).
-pub fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
-    let in_runtime = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if in_runtime {
-        tokio::task::block_in_place(f)
-    } else {
-        f()
     }
 }
 
