@@ -250,7 +250,7 @@ fn line_item(file: &Arc<str>, line: u64, raw: Vec<u8>, kind: Kind, cfg: &Message
         },
         op,
         key: None,
-        value: Some(raw),
+        value: Some(raw.into()),
         timestamp_ms: None,
     }
 }
@@ -362,6 +362,7 @@ pub async fn backfill(
     // A long backfill is watched like the worker: /metrics, /healthz, /readyz.
     serve_metrics(&s, &metrics, stop_rx.clone()).await?;
     let model = load_model(&s, &metrics, &s.model.prefix).await?;
+    let documents = crate::run::documents(&s, &model)?;
     let sink = open_sink(&s, model.info.dim, &mut stop_rx.clone()).await?;
     // The input files are the source: ready once the store is open.
     metrics
@@ -435,7 +436,7 @@ pub async fn backfill(
     });
     let pipe = pipeline::start(
         pipeline_config(&s),
-        model.tokenizer,
+        documents,
         EncoderHandle::spawn_with_threads(model.encoder, 2, s.model.compute_threads()),
         sink,
         dead,

@@ -2,7 +2,9 @@
 //! into Qdrant, with Prometheus metrics. See README.md for the data flow.
 
 pub mod backfill;
+pub mod chunk;
 pub mod commands;
+pub mod document;
 pub mod embed;
 pub use streambed_decode::ids;
 pub mod metrics;

@@ -30,6 +30,11 @@ pub struct Metrics {
     pub embedded: IntCounter,
     pub upserted: IntCounter,
     pub deleted: IntCounter,
+    /// Documents (messages, backfill lines) whose chunks were all written.
+    pub documents: IntCounter,
+    pub chunks_per_document: Histogram,
+    /// Documents not embedded again: the store already held the same content.
+    pub unchanged: IntCounter,
     pub dead_lettered: IntCounterVec,
     pub truncated: IntCounter,
     pub batches: IntCounter,
@@ -132,6 +137,19 @@ impl Metrics {
             deleted: reg!(counter(
                 "points_deleted_total",
                 "Points deleted by tombstones"
+            )),
+            documents: reg!(counter(
+                "documents_written_total",
+                "Documents whose chunks (points) were all written"
+            )),
+            chunks_per_document: reg!(Histogram::with_opts(
+                HistogramOpts::new(name("chunks_per_document"), "Chunks a written document made")
+                    .buckets(size_buckets())
+            )
+            .expect("metric")),
+            unchanged: reg!(counter(
+                "documents_unchanged_total",
+                "Documents skipped because the store already held the same content"
             )),
             dead_lettered: reg!(IntCounterVec::new(
                 Opts::new(

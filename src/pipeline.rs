@@ -1,7 +1,7 @@
 //! The stages between a source and the store:
 //!
 //! ```text
-//! source ─► batcher (tokenise) ─► embedder (encoder thread) ─► writer (store, dead letters) ─► completion
+//! source ─► preparer (unchanged? chunk, tokenise) ─► batcher ─► embedder (encoder thread) ─► writer (store, dead letters) ─► completion
 //! ```
 //!
 //! Items are tokenised as they arrive and the model takes the waiting batch the moment it
@@ -11,7 +11,8 @@
 //! Completion (offset commit, backfill checkpoint) is reported only after the store
 //! confirmed the write and every dead letter was delivered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,10 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::document::{CharCursor, Documents, Plan};
 use crate::embed::worker::EncoderHandle;
-use crate::embed::TextTokenizer;
 use crate::metrics::Metrics;
-use crate::sink::{Point, Sink, SinkError};
+use crate::sink::{fields, ChunkRange, Point, Sink, SinkError, Write};
 use crate::source::decode::Rejection;
 
 /// Where an item came from, so its completion can be reported back.
@@ -72,6 +73,8 @@ pub enum Op {
     Reject {
         rejection: Rejection,
     },
+    /// The store already holds this content (set by the preparer, never by a source).
+    Unchanged,
 }
 
 #[derive(Debug, Clone)]
@@ -81,7 +84,8 @@ pub struct Item {
     /// The record's key and value as they arrived: whatever stage rejects the item, its
     /// dead letter carries these, never something derived from them.
     pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
+    /// Shared: every chunk of a document refers to its message's bytes.
+    pub value: Option<Arc<[u8]>>,
     /// Event time (Kafka timestamp), for end-to-end latency.
     pub timestamp_ms: Option<i64>,
 }
@@ -178,6 +182,53 @@ struct Prepared {
     /// `None`: nothing to embed (a delete or a rejection). The embedder moves the ids out
     /// and leaves `Some` of an empty vector.
     tokens: Option<Vec<u32>>,
+    /// The document this item writes or deletes; it counts as in flight until its
+    /// message's last item is finished.
+    document: Option<Uuid>,
+    /// The message's number in this pipeline (a document's chunks share it).
+    message: u64,
+    /// The last item of its message: the message is finished (and its completion
+    /// reported) with this one.
+    ends_message: bool,
+    /// On a document's first chunk, written last: its chunk count (chunks from it on are
+    /// stale and deleted before it is written).
+    chunk_count: Option<u32>,
+}
+
+impl Prepared {
+    fn whole(item: Item, message: u64) -> Self {
+        Prepared {
+            item,
+            tokens: None,
+            document: None,
+            message,
+            ends_message: true,
+            chunk_count: None,
+        }
+    }
+}
+
+/// Documents between the preparer and the end of the writer, so that an unchanged-content
+/// check never trusts a store that a write in flight is about to change.
+#[derive(Default)]
+struct InFlight(std::sync::Mutex<HashMap<Uuid, u32>>);
+
+impl InFlight {
+    fn add(&self, d: Uuid) {
+        *self.0.lock().expect("in flight").entry(d).or_default() += 1;
+    }
+    fn finish(&self, d: Uuid) {
+        let mut m = self.0.lock().expect("in flight");
+        if let Some(n) = m.get_mut(&d) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&d);
+            }
+        }
+    }
+    fn contains(&self, d: &Uuid) -> bool {
+        self.0.lock().expect("in flight").contains_key(d)
+    }
 }
 
 struct Batch {
@@ -200,7 +251,7 @@ pub struct Pipeline {
 #[allow(clippy::too_many_arguments)]
 pub fn start<S: Sink>(
     cfg: PipelineConfig,
-    tokenizer: TextTokenizer,
+    documents: Arc<Documents>,
     encoder: EncoderHandle,
     sink: Arc<S>,
     dead_letters: Arc<dyn DeadLetters>,
@@ -209,15 +260,22 @@ pub fn start<S: Sink>(
 ) -> Pipeline {
     // Room for two batches, so the next batch is already waiting when one closes.
     let (input, items_rx) = mpsc::channel::<Item>(2 * cfg.max_items.max(1));
+    let (prepared_tx, prepared_rx) = mpsc::channel::<Prepared>(2 * cfg.max_items.max(1));
     let (request_tx, request_rx) = mpsc::channel::<Request>(1);
     let (emb_tx, emb_rx) = mpsc::channel::<Embedded>(1);
-    let batcher = tokio::spawn(batcher(
-        cfg.clone(),
-        tokenizer,
-        items_rx,
-        request_rx,
-        metrics.clone(),
-    ));
+    let in_flight = Arc::new(InFlight::default());
+    let preparer = tokio::spawn(
+        Preparer {
+            documents,
+            sink: sink.clone(),
+            in_flight: in_flight.clone(),
+            metrics: metrics.clone(),
+            group: cfg.max_items.max(1),
+            next_message: 0,
+        }
+        .run(items_rx, prepared_tx),
+    );
+    let batcher = tokio::spawn(batcher(cfg.clone(), prepared_rx, request_rx, metrics.clone()));
     let embedder = tokio::spawn(embedder(encoder, request_tx, emb_tx, metrics.clone()));
     let writer = tokio::spawn(
         Writer {
@@ -225,6 +283,7 @@ pub fn start<S: Sink>(
             sink,
             dead_letters,
             completion,
+            in_flight,
             metrics: metrics.clone(),
         }
         .run(emb_rx),
@@ -232,6 +291,7 @@ pub fn start<S: Sink>(
     let finished = tokio::spawn(async move {
         let mut first_error = None;
         for (name, h) in [
+            ("preparer", preparer),
             ("batcher", batcher),
             ("embedder", embedder),
             ("writer", writer),
@@ -250,29 +310,242 @@ pub fn start<S: Sink>(
     Pipeline { input, finished }
 }
 
-fn prepare(item: Item, tokenizer: &TextTokenizer, metrics: &Metrics) -> Prepared {
-    let Op::Upsert { text, .. } = &item.op else {
-        return Prepared { item, tokens: None };
-    };
-    match tokenizer.tokenize(text) {
-        Ok(t) => {
-            if t.truncated {
-                metrics.truncated.inc();
+/// The first stage: decides for each message whether it needs embedding at all (its
+/// content already in the store), cuts documents into chunks and tokenises them. A
+/// document's chunks go out one by one into the bounded channel, so a 10 MB document
+/// flows through the same small batches as everything else.
+struct Preparer<S> {
+    documents: Arc<Documents>,
+    sink: Arc<S>,
+    in_flight: Arc<InFlight>,
+    metrics: Metrics,
+    /// Messages looked up in the store at once.
+    group: usize,
+    next_message: u64,
+}
+
+/// Big texts are chunked off the async worker threads.
+const BLOCKING_TEXT_BYTES: usize = 16 * 1024;
+
+impl<S: Sink> Preparer<S> {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Item>,
+        tx: mpsc::Sender<Prepared>,
+    ) -> Result<(), PipelineError> {
+        loop {
+            // A batcher that stopped closes `tx`: stop too, so the source sees it.
+            let first = tokio::select! {
+                item = rx.recv() => match item {
+                    Some(item) => item,
+                    None => return Ok(()),
+                },
+                _ = tx.closed() => return Ok(()),
+            };
+            let mut group = vec![first];
+            while group.len() < self.group {
+                match rx.try_recv() {
+                    Ok(item) => group.push(item),
+                    Err(_) => break,
+                }
             }
-            Prepared {
-                item,
-                tokens: Some(t.ids),
+            let started = Instant::now();
+            let hashes: Vec<Option<String>> = group
+                .iter()
+                .map(|item| match &item.op {
+                    Op::Upsert { text, payload, .. } => {
+                        Some(self.documents.content_hash(text, payload))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let (stored, busy) = self.stored_hashes(&group).await;
+            for (item, hash) in group.into_iter().zip(hashes) {
+                let unchanged = match (&item.op, &hash) {
+                    (Op::Upsert { id, .. }, Some(h)) => {
+                        !busy.contains(id)
+                            && !self.in_flight.contains(id)
+                            && stored.get(id) == Some(h)
+                    }
+                    _ => false,
+                };
+                let message = self.next_message;
+                self.next_message += 1;
+                let sent = if unchanged {
+                    self.metrics.unchanged.inc();
+                    let item = Item {
+                        op: Op::Unchanged,
+                        ..item
+                    };
+                    tx.send(Prepared::whole(item, message)).await.is_ok()
+                } else {
+                    self.prepare(item, hash, message, &tx).await
+                };
+                if !sent {
+                    // The batcher stopped; whoever stopped reports why.
+                    return Ok(());
+                }
+            }
+            self.metrics
+                .stage_seconds
+                .with_label_values(&["tokenize"])
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The content hashes the store holds for the group's documents, and the documents
+    /// that were in flight when it was asked (what the store says of those may be about to
+    /// change). A failed lookup skips nothing: the work is done again, never lost.
+    async fn stored_hashes(&self, group: &[Item]) -> (HashMap<Uuid, String>, HashSet<Uuid>) {
+        if !self.documents.skip_unchanged {
+            return Default::default();
+        }
+        let mut busy = HashSet::new();
+        let mut ids = Vec::new();
+        for item in group {
+            if let Op::Upsert { id, .. } = &item.op {
+                if self.in_flight.contains(id) {
+                    busy.insert(*id);
+                } else {
+                    ids.push(*id);
+                }
             }
         }
-        Err(e) => Prepared {
-            item: Item {
-                op: Op::Reject {
-                    rejection: Rejection::new(e.reason(), e.to_string()),
-                },
-                ..item
+        if ids.is_empty() {
+            return (HashMap::new(), busy);
+        }
+        match self.sink.retrieve(ids, false).await {
+            Ok(hits) => {
+                let stored = hits
+                    .into_iter()
+                    .filter_map(|h| {
+                        let id = h.id.parse::<Uuid>().ok()?;
+                        let hash = h.payload.get(fields::CONTENT_HASH)?.as_str()?.to_string();
+                        Some((id, hash))
+                    })
+                    .collect();
+                (stored, busy)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look up stored documents; embedding them again");
+                (HashMap::new(), busy)
+            }
+        }
+    }
+
+    /// Sends the items of one message; false when the batcher is gone.
+    async fn prepare(
+        &self,
+        item: Item,
+        hash: Option<String>,
+        message: u64,
+        tx: &mpsc::Sender<Prepared>,
+    ) -> bool {
+        let Op::Upsert { id, text, payload } = item.op else {
+            let document = match &item.op {
+                Op::Delete { id } => Some(*id),
+                _ => None,
+            };
+            if let Some(d) = document {
+                self.in_flight.add(d);
+            }
+            let mut p = Prepared::whole(item, message);
+            p.document = document;
+            return tx.send(p).await.is_ok();
+        };
+        let docs = &self.documents;
+        let plan = if text.len() > BLOCKING_TEXT_BYTES {
+            crate::util::blocking_here(|| docs.plan(&text))
+        } else {
+            docs.plan(&text)
+        };
+        let reject = |item: Item, e: crate::embed::ItemError| Item {
+            op: Op::Reject {
+                rejection: Rejection::new(e.reason(), e.to_string()),
             },
-            tokens: None,
-        },
+            ..item
+        };
+        let shell = Item {
+            op: Op::Unchanged,
+            ..item
+        };
+        let mut payload = payload;
+        payload.remove("text");
+        if let Some(h) = hash {
+            payload.insert(fields::CONTENT_HASH.into(), Value::String(h));
+        }
+        payload.insert(fields::DOCUMENT_ID.into(), Value::String(id.to_string()));
+        let chunk = |index: u32, count: u32, span: Range<usize>, chars: (usize, usize), tokens| {
+            let mut payload = payload.clone();
+            payload.insert("text".into(), Value::String(text[span].to_string()));
+            payload.insert(fields::CHUNK_INDEX.into(), index.into());
+            payload.insert(fields::CHUNK_COUNT.into(), count.into());
+            payload.insert(fields::CHUNK_START.into(), chars.0.into());
+            payload.insert(fields::CHUNK_END.into(), chars.1.into());
+            Prepared {
+                item: Item {
+                    op: Op::Upsert {
+                        id: streambed_decode::ids::chunk(id, index),
+                        text: String::new(),
+                        payload,
+                    },
+                    ..shell.clone()
+                },
+                tokens: Some(tokens),
+                document: Some(id),
+                message,
+                ends_message: index == 0,
+                chunk_count: (index == 0).then_some(count),
+            }
+        };
+        match plan {
+            Err(e) => tx
+                .send(Prepared::whole(reject(shell, e), message))
+                .await
+                .is_ok(),
+            Ok(Plan::Whole(tokens)) => {
+                if tokens.truncated {
+                    self.metrics.truncated.inc();
+                }
+                self.in_flight.add(id);
+                let n = text.chars().count();
+                tx.send(chunk(0, 1, 0..text.len(), (0, n), tokens.ids))
+                    .await
+                    .is_ok()
+            }
+            Ok(Plan::Chunks(spans)) => {
+                let count = spans.len() as u32;
+                let mut starts = CharCursor::new(&text);
+                let mut ends = CharCursor::new(&text);
+                let chars: Vec<(usize, usize)> = spans
+                    .iter()
+                    .map(|r| (starts.at(r.start), ends.at(r.end)))
+                    .collect();
+                self.in_flight.add(id);
+                // The first chunk goes last: see `document`.
+                for i in (1..spans.len()).chain(std::iter::once(0)) {
+                    let piece = &text[spans[i].clone()];
+                    let tokens = match docs.tokenize_chunk(piece) {
+                        Ok(t) => t.ids,
+                        Err(e) => {
+                            // The tokenizer failed on a part of a text it read whole:
+                            // dead-letter the document (its earlier chunks stay until
+                            // it is sent again).
+                            self.in_flight.finish(id);
+                            return tx
+                                .send(Prepared::whole(reject(shell, e), message))
+                                .await
+                                .is_ok();
+                        }
+                    };
+                    let p = chunk(i as u32, count, spans[i].clone(), chars[i], tokens);
+                    if tx.send(p).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+        }
     }
 }
 
@@ -287,7 +560,6 @@ struct Filling {
     texts: usize,
     longest: usize,
     first_at: Option<tokio::time::Instant>,
-    tokenize: Duration,
     /// The item that did not fit the token budget; it opens the next batch.
     carry: Option<Prepared>,
 }
@@ -313,10 +585,6 @@ impl Filling {
 
     /// Hands the batch over and starts the next with the carried item, if any.
     fn take(&mut self, max_tokens: usize, metrics: &Metrics) -> Batch {
-        metrics
-            .stage_seconds
-            .with_label_values(&["tokenize"])
-            .observe(self.tokenize.as_secs_f64());
         if self.texts > 0 {
             metrics.batch_size.observe(self.texts as f64);
             metrics
@@ -335,16 +603,15 @@ impl Filling {
     }
 }
 
-/// Continuous batching, as text-embeddings-inference does it: items are tokenised as they
-/// arrive, and the batch goes to the model the moment the model asks for work. While the
+/// Continuous batching, as text-embeddings-inference does it: items arrive tokenised,
+/// and the batch goes to the model the moment the model asks for work. While the
 /// model is busy the batch grows, up to `max_items` or the padded-token budget (items ×
 /// longest). So under load batches are full, and under light load nothing waits for a
 /// timer. `linger` lets the first item of a batch wait that long for company when the model
 /// is idle (0 by default).
 async fn batcher(
     cfg: PipelineConfig,
-    tokenizer: TextTokenizer,
-    mut rx: mpsc::Receiver<Item>,
+    mut rx: mpsc::Receiver<Prepared>,
     mut requests: mpsc::Receiver<Request>,
     metrics: Metrics,
 ) -> Result<(), PipelineError> {
@@ -380,12 +647,7 @@ async fn batcher(
                 return Ok(());
             }
             item = rx.recv(), if input_open && !full => match item {
-                Some(item) => {
-                    let started = Instant::now();
-                    let p = prepare(item, &tokenizer, &metrics);
-                    filling.tokenize += started.elapsed();
-                    filling.add(p, cfg.max_tokens);
-                }
+                Some(p) => filling.add(p, cfg.max_tokens),
                 None => input_open = false,
             },
             _ = tokio::time::sleep_until(linger_until.unwrap_or_else(tokio::time::Instant::now)),
@@ -484,14 +746,20 @@ enum Action {
     Superseded,
     /// Its partition was revoked before it was written: the new owner writes it.
     Fenced,
+    /// The store already holds this content: nothing to write.
+    Unchanged,
 }
 
 struct Entry {
     origin: Origin,
     key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
+    value: Option<Arc<[u8]>>,
     timestamp_ms: Option<i64>,
     action: Action,
+    document: Option<Uuid>,
+    ends_message: bool,
+    /// A document's first chunk: written after its stale chunks (from this index) are gone.
+    chunk_count: Option<u32>,
 }
 
 /// The last stage: writes a batch's points (split to the store's request limit, the
@@ -502,6 +770,7 @@ struct Writer<S> {
     sink: Arc<S>,
     dead_letters: Arc<dyn DeadLetters>,
     completion: Arc<dyn Completion>,
+    in_flight: Arc<InFlight>,
     metrics: Metrics,
 }
 
@@ -557,7 +826,13 @@ impl<S: Sink> Writer<S> {
             match &e.action {
                 Action::Upsert(_) => {
                     n_up += 1;
-                    stamps.extend(e.timestamp_ms);
+                    if e.ends_message {
+                        stamps.extend(e.timestamp_ms);
+                    }
+                    if let Some(n) = e.chunk_count {
+                        self.metrics.documents.inc();
+                        self.metrics.chunks_per_document.observe(f64::from(n));
+                    }
                 }
                 Action::Delete(_) => n_del += 1,
                 _ => {}
@@ -570,20 +845,28 @@ impl<S: Sink> Writer<S> {
             .with_label_values(&["upsert"])
             .observe(started.elapsed().as_secs_f64());
         self.observe_latency(stamps);
-        let origins: Vec<Origin> = entries
-            .into_iter()
-            .filter(|e| !matches!(e.action, Action::Fenced))
-            .map(|e| e.origin)
-            .collect();
+        let mut origins = Vec::new();
+        for e in entries {
+            if !e.ends_message {
+                continue;
+            }
+            if let Some(d) = e.document {
+                self.in_flight.finish(d);
+            }
+            if !matches!(e.action, Action::Fenced) {
+                origins.push(e.origin);
+            }
+        }
         self.completion.done(&origins);
         Ok(())
     }
 
-    /// One entry per item; of several operations on one id, only the last is applied.
+    /// One entry per item. Of several messages about one document in a batch only the
+    /// last is applied (its chunks overwrite, its stale-chunk delete covers the rest).
     fn entries(&self, batch: Embedded) -> Vec<Entry> {
         let mut vectors = batch.vectors.into_iter();
-        let mut last: HashMap<Uuid, usize> = HashMap::new();
-        let mut entries = Vec::with_capacity(batch.items.len());
+        let mut latest: HashMap<Uuid, (u64, Vec<usize>)> = HashMap::new();
+        let mut entries: Vec<Entry> = Vec::with_capacity(batch.items.len());
         for p in batch.items {
             let action = match p.item.op {
                 Op::Upsert { id, payload, .. } if p.tokens.is_some() => {
@@ -597,17 +880,20 @@ impl<S: Sink> Writer<S> {
                 Op::Upsert { .. } => unreachable!("untokenised upserts become rejections"),
                 Op::Delete { id } => Action::Delete(id),
                 Op::Reject { rejection } => Action::Reject(rejection),
+                Op::Unchanged => Action::Unchanged,
             };
-            let id = match &action {
-                Action::Upsert(p) => Some(p.id),
-                Action::Delete(id) => Some(*id),
-                _ => None,
-            };
-            if let Some(id) = id {
-                if let Some(earlier) = last.insert(id, entries.len()) {
-                    let e: &mut Entry = &mut entries[earlier];
-                    e.action = Action::Superseded;
+            if let Some(d) = p.document {
+                let (message, members) = latest.entry(d).or_insert((p.message, Vec::new()));
+                if *message != p.message {
+                    for &i in members.iter() {
+                        if matches!(entries[i].action, Action::Upsert(_) | Action::Delete(_)) {
+                            entries[i].action = Action::Superseded;
+                        }
+                    }
+                    members.clear();
+                    *message = p.message;
                 }
+                members.push(entries.len());
             }
             entries.push(Entry {
                 origin: p.item.origin,
@@ -615,6 +901,9 @@ impl<S: Sink> Writer<S> {
                 value: p.item.value,
                 timestamp_ms: p.item.timestamp_ms,
                 action,
+                document: p.document,
+                ends_message: p.ends_message,
+                chunk_count: p.chunk_count,
             });
         }
         entries
@@ -739,8 +1028,7 @@ impl<S: Sink> Writer<S> {
         loop {
             let origins: Vec<&Origin> = group.iter().map(|&i| &entries[i].origin).collect();
             let hold = self.completion.hold(&origins);
-            let mut upserts = Vec::new();
-            let mut deletes = Vec::new();
+            let mut w = Write::default();
             for (&i, &owned) in group.iter().zip(&hold.owned) {
                 if !owned {
                     if !fenced.contains(&i) {
@@ -748,16 +1036,29 @@ impl<S: Sink> Writer<S> {
                     }
                     continue;
                 }
-                match &entries[i].action {
-                    Action::Upsert(p) => upserts.push(p.clone()),
-                    Action::Delete(id) => deletes.push(*id),
+                let e = &entries[i];
+                match &e.action {
+                    Action::Upsert(p) => match (e.chunk_count, e.document) {
+                        (Some(from), Some(document)) => {
+                            w.stale.push(ChunkRange { document, from });
+                            w.last.push(p.clone());
+                        }
+                        _ => w.upserts.push(p.clone()),
+                    },
+                    Action::Delete(id) => {
+                        w.deletes.push(*id);
+                        w.stale.push(ChunkRange {
+                            document: *id,
+                            from: 0,
+                        });
+                    }
                     _ => unreachable!("only upserts and deletes are written"),
                 }
             }
-            if upserts.is_empty() && deletes.is_empty() {
+            if w.is_empty() {
                 return Ok(GroupWrite::Written);
             }
-            let result = self.sink.write(upserts, deletes).await;
+            let result = self.sink.write(w).await;
             drop(hold);
             let ready = &self.metrics.ready;
             match result {
@@ -841,11 +1142,15 @@ mod tests {
         async fn ensure_collection(&self, _: usize) -> Result<(), SinkError> {
             Ok(())
         }
-        async fn write(&self, up: Vec<Point>, del: Vec<Uuid>) -> Result<(), SinkError> {
+        async fn write(&self, w: Write) -> Result<(), SinkError> {
             if self.fatal {
                 return Err(SinkError::Permanent("bad api key".into()));
             }
-            if up.iter().any(|p| Some(p.vector[0]) == self.poison) {
+            if w.upserts
+                .iter()
+                .chain(&w.last)
+                .any(|p| Some(p.vector[0]) == self.poison)
+            {
                 return Err(SinkError::Rejected {
                     reason: "store_rejected",
                     detail: "payload too deep".into(),
@@ -860,19 +1165,40 @@ mod tests {
             }
             *self.writes.lock().unwrap() += 1;
             let mut pts = self.points.lock().unwrap();
-            for p in up {
+            for p in w.upserts {
                 pts.insert(p.id, p);
             }
-            for d in del {
+            for d in w.deletes {
                 pts.remove(&d);
+            }
+            for r in w.stale {
+                pts.retain(|_, p| {
+                    let doc = p.payload.get(fields::DOCUMENT_ID).and_then(|v| v.as_str());
+                    let index = p.payload.get(fields::CHUNK_INDEX).and_then(|v| v.as_u64());
+                    !(doc == Some(r.document.to_string().as_str())
+                        && index.is_some_and(|i| i >= u64::from(r.from)))
+                });
+            }
+            for p in w.last {
+                pts.insert(p.id, p);
             }
             Ok(())
         }
         async fn search(&self, _: Vec<f32>, _: usize) -> Result<Vec<Hit>, SinkError> {
             Ok(vec![])
         }
-        async fn retrieve(&self, _: Vec<Uuid>) -> Result<Vec<Hit>, SinkError> {
-            Ok(vec![])
+        async fn retrieve(&self, ids: Vec<Uuid>, _: bool) -> Result<Vec<Hit>, SinkError> {
+            let pts = self.points.lock().unwrap();
+            Ok(ids
+                .iter()
+                .filter_map(|id| pts.get(id))
+                .map(|p| Hit {
+                    id: p.id.to_string(),
+                    score: 0.0,
+                    payload: p.payload.clone(),
+                    vector: None,
+                })
+                .collect())
         }
         async fn count(&self) -> Result<usize, SinkError> {
             Ok(self.points.lock().unwrap().len())
@@ -936,7 +1262,16 @@ mod tests {
         }
     }
 
-    fn tokenizer() -> TextTokenizer {
+    fn documents() -> Arc<Documents> {
+        documents_with(crate::settings::ChunkSettings {
+            mode: crate::settings::ChunkMode::Split,
+            max_tokens: 0,
+            overlap_tokens: 0,
+            skip_unchanged: true,
+        })
+    }
+
+    fn documents_with(s: crate::settings::ChunkSettings) -> Arc<Documents> {
         // A tiny WordPiece vocabulary is enough to drive the pipeline logic.
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
@@ -944,7 +1279,8 @@ mod tests {
             "[PAD]\n[UNK]\n[CLS]\n[SEP]\n안녕\n하세요\n##하세요\n",
         )
         .unwrap();
-        TextTokenizer::load(dir.path(), 16, "").unwrap()
+        let t = crate::embed::TextTokenizer::load(dir.path(), 16, "").unwrap();
+        Arc::new(Documents::new(t, &s, "test-model").unwrap())
     }
 
     fn item(offset: i64, op: Op) -> Item {
@@ -957,7 +1293,7 @@ mod tests {
             },
             op,
             key: None,
-            value: Some(format!("original-{offset}").into_bytes()),
+            value: Some(format!("original-{offset}").into_bytes().into()),
             timestamp_ms: None,
         }
     }
@@ -1000,7 +1336,7 @@ mod tests {
         let dead = Arc::new(DeadList::default());
         let p = start(
             cfg(),
-            tokenizer(),
+            documents(),
             EncoderHandle::spawn(LenEncoder, 1),
             sink.clone(),
             dead.clone(),
@@ -1052,7 +1388,7 @@ mod tests {
         let done = Arc::new(Record::default());
         let p = start(
             cfg(),
-            tokenizer(),
+            documents(),
             EncoderHandle::spawn(LenEncoder, 1),
             sink.clone(),
             Arc::new(DeadList::default()),
@@ -1076,7 +1412,7 @@ mod tests {
         let done = Arc::new(Record::default());
         let p = start(
             cfg(),
-            tokenizer(),
+            documents(),
             EncoderHandle::spawn(LenEncoder, 1),
             sink.clone(),
             Arc::new(DeadList::default()),
@@ -1103,7 +1439,7 @@ mod tests {
     ) -> Pipeline {
         start(
             cfg(),
-            tokenizer(),
+            documents(),
             EncoderHandle::spawn(encoder, 1),
             sink,
             dead,
@@ -1233,5 +1569,151 @@ mod tests {
             "fenced item written"
         );
         assert_eq!(*record.0.lock().unwrap(), vec![0, 2]);
+    }
+
+    fn chunks_of(sink: &FakeSink, doc: u128) -> Vec<(u64, String)> {
+        let doc = Uuid::from_u128(doc).to_string();
+        let mut v: Vec<(u64, String)> = sink
+            .points
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| p.payload[fields::DOCUMENT_ID] == doc.as_str())
+            .map(|p| {
+                (
+                    p.payload[fields::CHUNK_INDEX].as_u64().unwrap(),
+                    p.payload["text"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn a_document_keeps_exactly_the_chunks_of_its_last_version() {
+        let sink = Arc::new(FakeSink::default());
+        let done = Arc::new(Record::default());
+        let metrics = Metrics::new();
+        let p = start(
+            cfg(),
+            documents(),
+            EncoderHandle::spawn(LenEncoder, 1),
+            sink.clone(),
+            Arc::new(DeadList::default()),
+            done.clone(),
+            metrics.clone(),
+        );
+        // 60 tokens: five chunks of at most 14 text tokens, over several batches of 4.
+        let long = "안녕 ".repeat(60);
+        p.input.send(item(0, upsert(7, &long))).await.unwrap();
+        wait_for("the long document", || done.0.lock().unwrap().len() == 1).await;
+        let chunks = chunks_of(&sink, 7);
+        assert_eq!(chunks.len(), 5, "{chunks:?}");
+        assert_eq!(chunks.iter().map(|c| c.1.as_str()).collect::<String>(), long);
+        for (i, c) in chunks.iter().enumerate() {
+            assert_eq!(c.0, i as u64);
+        }
+        // Sent again, shorter: only its two chunks remain. In the same batch as a newer
+        // version of another document, and followed by its own tombstone and rebirth.
+        p.input
+            .send(item(1, upsert(7, &"안녕 ".repeat(20))))
+            .await
+            .unwrap();
+        p.input.send(item(2, upsert(8, "안녕하세요"))).await.unwrap();
+        wait_for("the shorter version", || done.0.lock().unwrap().len() == 3).await;
+        assert_eq!(chunks_of(&sink, 7).len(), 2);
+        p.input
+            .send(item(
+                3,
+                Op::Delete {
+                    id: Uuid::from_u128(7),
+                },
+            ))
+            .await
+            .unwrap();
+        wait_for("the tombstone", || done.0.lock().unwrap().len() == 4).await;
+        assert!(chunks_of(&sink, 7).is_empty());
+        assert_eq!(chunks_of(&sink, 8).len(), 1);
+        // Versions racing through one batch: the last wins, whole.
+        p.input.send(item(4, upsert(9, &long))).await.unwrap();
+        p.input
+            .send(item(5, Op::Delete { id: Uuid::from_u128(9) }))
+            .await
+            .unwrap();
+        p.input
+            .send(item(6, upsert(9, &"안녕 ".repeat(30))))
+            .await
+            .unwrap();
+        drop(p.input);
+        p.finished.await.unwrap().unwrap();
+        assert_eq!(chunks_of(&sink, 9).len(), 3);
+        assert_eq!(*done.0.lock().unwrap(), vec![0, 1, 2, 3, 4, 5, 6]);
+        // Doc 9's first version is written, or superseded when it shares a batch.
+        assert!((4..=5).contains(&metrics.documents.get()));
+    }
+
+    #[tokio::test]
+    async fn unchanged_documents_are_not_embedded_again_unless_a_newer_version_is_in_flight() {
+        let sink = Arc::new(FakeSink::default());
+        let done = Arc::new(Record::default());
+        let metrics = Metrics::new();
+        let p = start(
+            cfg(),
+            documents(),
+            EncoderHandle::spawn(LenEncoder, 1),
+            sink.clone(),
+            Arc::new(DeadList::default()),
+            done.clone(),
+            metrics.clone(),
+        );
+        let long = "안녕 ".repeat(40);
+        p.input.send(item(0, upsert(1, &long))).await.unwrap();
+        p.input.send(item(1, upsert(2, "안녕"))).await.unwrap();
+        wait_for("the first pass", || done.0.lock().unwrap().len() == 2).await;
+        let writes = *sink.writes.lock().unwrap();
+        p.input.send(item(2, upsert(1, &long))).await.unwrap();
+        p.input.send(item(3, upsert(2, "안녕"))).await.unwrap();
+        wait_for("the replay", || done.0.lock().unwrap().len() == 4).await;
+        assert_eq!(metrics.unchanged.get(), 2);
+        assert_eq!(*sink.writes.lock().unwrap(), writes, "nothing written");
+        // A, then B, then A again in a row: the store holds A while B is in flight, so the
+        // second A must not be skipped.
+        p.input.send(item(4, upsert(2, "안녕하세요"))).await.unwrap();
+        p.input.send(item(5, upsert(2, "안녕"))).await.unwrap();
+        drop(p.input);
+        p.finished.await.unwrap().unwrap();
+        assert_eq!(chunks_of(&sink, 2), vec![(0, "안녕".to_string())]);
+        assert_eq!(metrics.unchanged.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn truncate_mode_stores_one_point_per_document() {
+        let sink = Arc::new(FakeSink::default());
+        let p = start(
+            cfg(),
+            documents_with(crate::settings::ChunkSettings {
+                mode: crate::settings::ChunkMode::Truncate,
+                max_tokens: 0,
+                overlap_tokens: 0,
+                skip_unchanged: false,
+            }),
+            EncoderHandle::spawn(LenEncoder, 1),
+            sink.clone(),
+            Arc::new(DeadList::default()),
+            Arc::new(Record::default()),
+            Metrics::new(),
+        );
+        p.input
+            .send(item(0, upsert(1, &"안녕 ".repeat(60))))
+            .await
+            .unwrap();
+        drop(p.input);
+        p.finished.await.unwrap().unwrap();
+        let points = sink.points.lock().unwrap();
+        let point = &points[&Uuid::from_u128(1)];
+        assert_eq!(points.len(), 1);
+        assert_eq!(point.vector[0], 16.0, "truncated to max_seq_length");
+        assert_eq!(point.payload[fields::CHUNK_COUNT], 1);
     }
 }

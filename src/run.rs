@@ -16,6 +16,7 @@ use crate::metrics::{self, Metrics};
 use crate::offsets::OffsetTracker;
 use crate::pipeline::{self, PipelineConfig};
 use crate::settings::Settings;
+use crate::document::Documents;
 use crate::sink::{self, AnySink, Sink, SinkError};
 use crate::source::kafka;
 
@@ -27,6 +28,22 @@ pub fn pipeline_config(s: &Settings) -> PipelineConfig {
         retry_initial: Duration::from_millis(s.sink.retry_initial_ms),
         retry_max: Duration::from_millis(s.sink.retry_max_ms),
     }
+}
+
+/// How this run cuts and recognises documents; fails (naming the key) when the chunk
+/// settings do not fit the model.
+pub fn documents(s: &Settings, m: &embed::LoadedModel) -> anyhow::Result<Arc<Documents>> {
+    let model = format!(
+        "{}|{}|{}|{}|{}",
+        m.info.name,
+        m.info.dim,
+        m.info.precision.as_str(),
+        m.info.pooling.as_str(),
+        m.info.normalize
+    );
+    Documents::new(m.tokenizer.clone(), &s.chunk, &model)
+        .map(Arc::new)
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Loads the configured model off the async threads and records it in the metrics.
@@ -150,6 +167,7 @@ pub async fn run_with_metrics(
         _ = &mut shutdown => return Ok(()),
     };
     let dim = model.info.dim;
+    let documents = documents(&s, &model)?;
     let encoder = EncoderHandle::spawn_with_threads(model.encoder, 2, s.model.compute_threads());
     let sink = {
         let mut stop = stop_rx.clone();
@@ -168,7 +186,7 @@ pub async fn run_with_metrics(
     let producer = kafka::producer(&s.kafka).context("kafka: the producer could not be created")?;
     let mut pipe = pipeline::start(
         pipeline_config(&s),
-        model.tokenizer,
+        documents,
         encoder,
         sink,
         Arc::new(kafka::KafkaDeadLetters {

@@ -44,6 +44,7 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub message: MessageSettings,
     pub batch: BatchSettings,
+    pub chunk: ChunkSettings,
     pub sink: SinkSettings,
     pub qdrant: QdrantSettings,
     pub embedded: EmbeddedSettings,
@@ -151,6 +152,28 @@ pub struct BatchSettings {
     pub max_items: usize,
     pub max_tokens: usize,
     pub linger_ms: u64,
+}
+
+/// How a text longer than the model's input becomes points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkMode {
+    /// One point per chunk of at most `max_tokens`; the document's chunks are kept exact.
+    Split,
+    /// One point per document, of its first `max_seq_length` tokens.
+    Truncate,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkSettings {
+    pub mode: ChunkMode,
+    /// Tokens per chunk, prefix and special tokens included; 0 = the model's
+    /// `max_seq_length`.
+    pub max_tokens: usize,
+    pub overlap_tokens: usize,
+    /// Skip documents whose content hash the store already holds.
+    pub skip_unchanged: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -359,6 +382,18 @@ impl Settings {
             return Err(invalid(
                 "message.max_message_bytes",
                 "must be positive (e.g. 1048576)",
+            ));
+        }
+        if self.chunk.max_tokens != 0 && self.chunk.max_tokens < 16 {
+            return Err(invalid(
+                "chunk.max_tokens",
+                "must be 0 (the model's max_seq_length) or at least 16",
+            ));
+        }
+        if self.chunk.max_tokens != 0 && 2 * self.chunk.overlap_tokens >= self.chunk.max_tokens {
+            return Err(invalid(
+                "chunk.overlap_tokens",
+                "must be less than half of chunk.max_tokens (e.g. 32 for 512)",
             ));
         }
         if self.batch.max_items == 0 {

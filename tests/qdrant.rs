@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use streambed::settings::{QdrantSettings, Secret};
 use streambed::sink::qdrant::QdrantSink;
-use streambed::sink::{Point, Sink, SinkError};
+use streambed::sink::{ChunkRange, Point, Sink, SinkError, Write};
 use support::*;
 use uuid::Uuid;
 
@@ -72,7 +72,12 @@ async fn qdrant_sink_round_trip_over_grpc() {
                 .clone(),
         })
         .collect();
-    sink.write(points, vec![]).await.unwrap();
+    sink.write(Write {
+        upserts: points,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     assert_eq!(sink.count().await.unwrap(), 3);
 
     let hits = sink.search(unit(8, 1), 2).await.unwrap();
@@ -80,7 +85,7 @@ async fn qdrant_sink_round_trip_over_grpc() {
     assert!((hits[0].score - 1.0).abs() < 1e-5);
     assert_eq!(hits[0].payload["text"], "문장 1 😀");
 
-    let got = sink.retrieve(vec![ids[2]]).await.unwrap();
+    let got = sink.retrieve(vec![ids[2]], true).await.unwrap();
     assert_eq!(got[0].payload["n"], 2);
     assert_eq!(got[0].vector.as_deref(), Some(unit(8, 2).as_slice()));
 
@@ -90,12 +95,18 @@ async fn qdrant_sink_round_trip_over_grpc() {
         vector: unit(8, 7),
         payload: json!({"text": "덮어쓰기"}).as_object().unwrap().clone(),
     };
-    sink.write(vec![again], vec![ids[1]]).await.unwrap();
+    sink.write(Write {
+        upserts: vec![again],
+        deletes: vec![ids[1]],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     assert_eq!(sink.count().await.unwrap(), 2);
-    assert_eq!(
-        sink.retrieve(vec![ids[0]]).await.unwrap()[0].payload["text"],
-        "덮어쓰기"
-    );
+    let got = sink.retrieve(vec![ids[0]], false).await.unwrap();
+    assert_eq!(got[0].payload["text"], "덮어쓰기");
+    assert_eq!(got[0].vector, None, "no vector unless asked");
+    document_chunks_are_replaced_and_removed(&sink).await;
 
     // The same collection for a model of another dimension is refused with the fix.
     match QdrantSink::connect(&cfg)
@@ -421,4 +432,70 @@ async fn the_server_answers_like_qdrant_where_we_depend_on_it() {
         };
         assert_eq!(status.code(), code, "{status:?}");
     }
+}
+
+fn chunk_point(doc: Uuid, index: u32, dim: usize) -> Point {
+    Point {
+        id: streambed_decode::ids::chunk(doc, index),
+        vector: unit(dim, index as usize % dim),
+        payload: json!({"document_id": doc.to_string(), "chunk_index": index, "text": format!("조각 {index}")})
+            .as_object()
+            .unwrap()
+            .clone(),
+    }
+}
+
+/// The write order a document's versions rely on, through a real store: chunks, the
+/// stale-chunk delete by filter (payload indexes), then the first chunk; a tombstone's
+/// delete of every chunk. Another document's chunks are never touched.
+async fn document_chunks_are_replaced_and_removed<S: Sink>(sink: &S) {
+    let (doc, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let before = sink.count().await.unwrap();
+    let mut first = Write::default();
+    for i in 1..6 {
+        first.upserts.push(chunk_point(doc, i, 8));
+        first.upserts.push(chunk_point(other, i, 8));
+    }
+    first.stale = vec![
+        ChunkRange { document: doc, from: 6 },
+        ChunkRange { document: other, from: 6 },
+    ];
+    first.last = vec![chunk_point(doc, 0, 8), chunk_point(other, 0, 8)];
+    sink.write(first).await.unwrap();
+    assert_eq!(sink.count().await.unwrap(), before + 12);
+    // The document again, two chunks long: chunks 2..5 of the old version go.
+    sink.write(Write {
+        upserts: vec![chunk_point(doc, 1, 8)],
+        stale: vec![ChunkRange { document: doc, from: 2 }],
+        last: vec![chunk_point(doc, 0, 8)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(sink.count().await.unwrap(), before + 8);
+    let ids: Vec<Uuid> = (0..6).map(|i| streambed_decode::ids::chunk(doc, i)).collect();
+    let left = sink.retrieve(ids, false).await.unwrap();
+    assert_eq!(left.len(), 2, "only chunks 0 and 1 remain");
+    // A tombstone removes every chunk of the document and nothing else.
+    sink.write(Write {
+        deletes: vec![doc],
+        stale: vec![ChunkRange { document: doc, from: 0 }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(sink.count().await.unwrap(), before + 6);
+}
+
+#[tokio::test]
+async fn the_embedded_store_replaces_and_removes_document_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = streambed::sink::embedded::EmbeddedSink::open(dir.path().join("c"));
+    sink.ensure_collection(8).await.unwrap();
+    document_chunks_are_replaced_and_removed(&sink).await;
+    // The indexes survive a reopen (the shard keeps them) and creating them again is fine.
+    drop(sink);
+    let sink = streambed::sink::embedded::EmbeddedSink::open(dir.path().join("c"));
+    sink.ensure_collection(8).await.unwrap();
+    document_chunks_are_replaced_and_removed(&sink).await;
 }

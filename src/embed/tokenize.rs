@@ -11,7 +11,7 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{
     DecoderWrapper, Model, NormalizerWrapper, PaddingParams, PostProcessorWrapper,
-    PreTokenizerWrapper, TokenizerImpl, TruncationParams,
+    PreTokenizerWrapper, TokenizerImpl,
 };
 use unicode_normalization::UnicodeNormalization;
 
@@ -53,6 +53,8 @@ struct TokenizerConfig {
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: std::sync::Arc<Tokenizer>,
+    /// The same without truncation, for counting (chunking).
+    counting: std::sync::Arc<Tokenizer>,
     prefix: String,
     max_seq_length: usize,
 }
@@ -75,17 +77,18 @@ impl TextTokenizer {
         // Folders often pin padding to a fixed length (all-MiniLM-L6-v2 pads to 128); the
         // encoder pads per batch itself, so padding here would only waste compute.
         tokenizer.with_padding(None::<PaddingParams>);
+        // Truncation is ours (see `tokenize`), so the one tokenizer also counts whole texts
+        // for chunking.
         tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_seq_length,
-                ..Default::default()
-            }))
+            .with_truncation(None)
             .map_err(|e| EmbedError::Model {
                 path: dir.to_path_buf(),
-                reason: format!("cannot set truncation: {e}"),
+                reason: format!("cannot unset truncation: {e}"),
             })?;
+        let tokenizer = std::sync::Arc::new(tokenizer);
         Ok(Self {
-            inner: std::sync::Arc::new(tokenizer),
+            inner: tokenizer.clone(),
+            counting: tokenizer,
             prefix: prefix.to_string(),
             max_seq_length,
         })
@@ -93,6 +96,41 @@ impl TextTokenizer {
 
     pub fn max_seq_length(&self) -> usize {
         self.max_seq_length
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Tokens of `text` alone (NFC, no prefix, no special tokens, no truncation). A text
+    /// the tokenizer cannot read counts as 0 here; tokenising it fails later, per item.
+    pub fn count_plain(&self, text: &str) -> usize {
+        let text: String = text.nfc().collect();
+        self.counting
+            .encode(text.as_str(), false)
+            .map_or(0, |e| e.len())
+    }
+
+    /// Tokens of the prefix and `text` with the special tokens, as the model would see
+    /// them untruncated.
+    pub fn count_whole(&self, text: &str) -> usize {
+        let mut prepared = self.prefix.clone();
+        prepared.extend(text.nfc());
+        self.counting
+            .encode(prepared.as_str(), true)
+            .map_or(usize::MAX, |e| e.len())
+    }
+
+    /// Byte offsets in `text` where tokens start; `None` when NFC changes the text (the
+    /// offsets would point into another string).
+    pub fn token_starts(&self, text: &str) -> Option<Vec<usize>> {
+        if !unicode_normalization::is_nfc(text) {
+            return None;
+        }
+        let e = self.counting.encode(text, false).ok()?;
+        let mut starts: Vec<usize> = e.get_offsets().iter().map(|&(s, _)| s).collect();
+        starts.dedup();
+        Some(starts)
     }
 
     /// Prepares one text. Empty or whitespace-only text, or text with nothing the
@@ -103,9 +141,20 @@ impl TextTokenizer {
     /// text, so "prefix + word" can have as many tokens as the prefix alone. A text has
     /// content when some non-special token ends inside it (past the prefix).
     pub fn tokenize(&self, text: &str) -> Result<Tokens, ItemError> {
-        if text
-            .chars()
-            .all(|c| c.is_whitespace() || c.is_control() || is_invisible(c))
+        self.tokenize_inner(text, true)
+    }
+
+    /// As [`tokenize`](Self::tokenize), without the emptiness checks: for a chunk of a
+    /// document that has content as a whole.
+    pub fn tokenize_unchecked(&self, text: &str) -> Result<Tokens, ItemError> {
+        self.tokenize_inner(text, false)
+    }
+
+    fn tokenize_inner(&self, text: &str, check: bool) -> Result<Tokens, ItemError> {
+        if check
+            && text
+                .chars()
+                .all(|c| c.is_whitespace() || c.is_control() || is_invisible(c))
         {
             return Err(ItemError::EmptyText);
         }
@@ -124,20 +173,32 @@ impl TextTokenizer {
             .inner
             .encode(prepared.as_str(), true)
             .map_err(|e| ItemError::Tokenize(e.to_string()))?;
-        let ids = encoding.get_ids();
         let text_start = self.prefix.len();
         let has_content = encoding
             .get_offsets()
             .iter()
             .zip(encoding.get_special_tokens_mask())
             .any(|(&(start, end), &special)| special == 0 && end > text_start && end > start);
-        if !has_content {
+        if check && !has_content {
             return Err(ItemError::EmptyText);
         }
-        let truncated = cut || !encoding.get_overflowing().is_empty();
+        // Truncation as the tokenizers crate does it for one sequence: the text's tokens are
+        // cut, the special tokens the template adds at the end are kept.
+        let ids = encoding.get_ids();
+        let max = self.max_seq_length;
+        let over = ids.len() > max;
+        let ids = if over {
+            let mask = encoding.get_special_tokens_mask();
+            let tail = mask.iter().rev().take_while(|&&m| m == 1).count().min(max);
+            let mut kept = ids[..max - tail].to_vec();
+            kept.extend_from_slice(&ids[ids.len() - tail..]);
+            kept
+        } else {
+            ids.to_vec()
+        };
         Ok(Tokens {
-            ids: ids.to_vec(),
-            truncated,
+            ids,
+            truncated: cut || over,
         })
     }
 }

@@ -9,13 +9,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use qdrant_edge::{
-    CountRequest, Distance, EdgeConfig, EdgeShard, EdgeVectorParams, OperationError, PointId,
+    CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
+    FieldIndexOperations, Filter, OperationError, PayloadFieldSchema, PayloadSchemaType, PointId,
     PointInsertOperations, PointOperations, PointStruct, QueryEnum, SearchRequest, UpdateOperation,
     WithPayloadInterface, WithVector,
 };
 use uuid::Uuid;
 
-use super::{Hit, Point, Sink, SinkError};
+use super::{fields, ChunkRange, Hit, Point, Sink, SinkError, Write};
 
 pub struct EmbeddedSink {
     path: PathBuf,
@@ -51,6 +52,47 @@ pub fn classify(e: OperationError) -> SinkError {
         },
         _ => SinkError::Transient(text),
     }
+}
+
+/// The engine's filter for the chunks of `ranges` (see `qdrant::chunks_filter`).
+pub fn chunks_filter(ranges: &[ChunkRange]) -> Filter {
+    let should: Vec<serde_json::Value> = ranges
+        .iter()
+        .map(|r| {
+            let doc = serde_json::json!({
+                "key": fields::DOCUMENT_ID,
+                "match": {"value": r.document.to_string()},
+            });
+            if r.from == 0 {
+                doc
+            } else {
+                serde_json::json!({"must": [doc, {
+                    "key": fields::CHUNK_INDEX,
+                    "range": {"gte": r.from},
+                }]})
+            }
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({ "should": should }))
+        .expect("the chunk filter is a valid Qdrant filter")
+}
+
+/// The engine's upsert of `points`.
+pub fn upsert_op(points: Vec<Point>) -> UpdateOperation {
+    let points = points
+        .into_iter()
+        .map(|p| {
+            PointStruct::new(
+                PointId::Uuid(p.id),
+                p.vector,
+                serde_json::Value::Object(p.payload),
+            )
+            .into()
+        })
+        .collect::<Vec<_>>();
+    UpdateOperation::PointOperation(PointOperations::UpsertPoints(
+        PointInsertOperations::PointsList(points),
+    ))
 }
 
 fn to_hit(
@@ -110,6 +152,41 @@ impl EmbeddedSink {
 }
 
 impl EmbeddedSink {
+    /// Applies `ops` in order and flushes, under the write lock. The test server's way in,
+    /// and what [`Sink::write`] comes to.
+    pub async fn apply(&self, ops: Vec<UpdateOperation>) -> Result<(), SinkError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let lock = self.write_lock.clone();
+        self.blocking(move |shard| {
+            let _writing = lock.lock().unwrap_or_else(|p| p.into_inner());
+            for op in ops {
+                shard.update(op).map_err(classify)?;
+            }
+            shard.flush();
+            Ok(())
+        })
+        .await
+    }
+
+    /// The payload indexes document deletes filter on (created once; kept by the shard).
+    async fn ensure_indexes(&self) -> Result<(), SinkError> {
+        let ops = [
+            (fields::DOCUMENT_ID, PayloadSchemaType::Keyword),
+            (fields::CHUNK_INDEX, PayloadSchemaType::Integer),
+        ]
+        .into_iter()
+        .map(|(field, kind)| {
+            UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(CreateIndex {
+                field_name: field.parse().expect("a plain field name"),
+                field_schema: Some(PayloadFieldSchema::FieldType(kind)),
+            }))
+        })
+        .collect();
+        self.apply(ops).await
+    }
+
     /// Every point with payload and vector, page by page (for tests and exports).
     pub async fn scroll_all(&self) -> Result<Vec<Hit>, SinkError> {
         self.blocking(|shard| {
@@ -172,43 +249,29 @@ impl Sink for EmbeddedSink {
         .await
         .map_err(err)??;
         *self.shard.lock().expect("shard lock") = Some(Arc::new(shard));
-        Ok(())
+        self.ensure_indexes().await
     }
 
-    async fn write(&self, upserts: Vec<Point>, deletes: Vec<Uuid>) -> Result<(), SinkError> {
-        let lock = self.write_lock.clone();
-        self.blocking(move |shard| {
-            let _writing = lock.lock().unwrap_or_else(|p| p.into_inner());
-            if !upserts.is_empty() {
-                let points = upserts
-                    .into_iter()
-                    .map(|p| {
-                        PointStruct::new(
-                            PointId::Uuid(p.id),
-                            p.vector,
-                            serde_json::Value::Object(p.payload),
-                        )
-                        .into()
-                    })
-                    .collect::<Vec<_>>();
-                shard
-                    .update(UpdateOperation::PointOperation(
-                        PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
-                    ))
-                    .map_err(classify)?;
-            }
-            if !deletes.is_empty() {
-                let ids = deletes.into_iter().map(PointId::Uuid).collect();
-                shard
-                    .update(UpdateOperation::PointOperation(
-                        PointOperations::DeletePoints { ids },
-                    ))
-                    .map_err(classify)?;
-            }
-            shard.flush();
-            Ok(())
-        })
-        .await
+    async fn write(&self, w: Write) -> Result<(), SinkError> {
+        let mut ops = Vec::new();
+        if !w.upserts.is_empty() {
+            ops.push(upsert_op(w.upserts));
+        }
+        if !w.deletes.is_empty() {
+            let ids = w.deletes.into_iter().map(PointId::Uuid).collect();
+            ops.push(UpdateOperation::PointOperation(
+                PointOperations::DeletePoints { ids },
+            ));
+        }
+        if !w.stale.is_empty() {
+            ops.push(UpdateOperation::PointOperation(
+                PointOperations::DeletePointsByFilter(chunks_filter(&w.stale)),
+            ));
+        }
+        if !w.last.is_empty() {
+            ops.push(upsert_op(w.last));
+        }
+        self.apply(ops).await
     }
 
     async fn search(&self, vector: Vec<f32>, top_k: usize) -> Result<Vec<Hit>, SinkError> {
@@ -232,14 +295,14 @@ impl Sink for EmbeddedSink {
         .await
     }
 
-    async fn retrieve(&self, ids: Vec<Uuid>) -> Result<Vec<Hit>, SinkError> {
+    async fn retrieve(&self, ids: Vec<Uuid>, with_vectors: bool) -> Result<Vec<Hit>, SinkError> {
         self.blocking(move |shard| {
             let ids: Vec<PointId> = ids.into_iter().map(PointId::Uuid).collect();
             let found = shard
                 .retrieve(
                     &ids,
                     Some(WithPayloadInterface::Bool(true)),
-                    Some(WithVector::Bool(true)),
+                    Some(WithVector::Bool(with_vectors)),
                 )
                 .map_err(err)?;
             Ok(found

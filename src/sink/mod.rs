@@ -17,6 +17,49 @@ pub struct Point {
     pub payload: Map<String, Value>,
 }
 
+/// Payload fields of the document layout (see `document`), which deletes filter on.
+pub mod fields {
+    /// The document's id (the UUID of its first chunk's point), on every chunk.
+    pub const DOCUMENT_ID: &str = "document_id";
+    /// 0-based position of the chunk in its document.
+    pub const CHUNK_INDEX: &str = "chunk_index";
+    pub const CHUNK_COUNT: &str = "chunk_count";
+    /// The chunk's span in the original text, in Unicode code points (`text[start:end]`).
+    pub const CHUNK_START: &str = "chunk_start";
+    pub const CHUNK_END: &str = "chunk_end";
+    /// Hash of what the vectors were made from (text, prefix, model, chunking, metadata).
+    pub const CONTENT_HASH: &str = "content_hash";
+}
+
+/// Chunks of a document to remove: those with `chunk_index >= from` (all of them for 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRange {
+    pub document: Uuid,
+    pub from: u32,
+}
+
+/// One durable write, applied in this order: `upserts`, `deletes`, `stale`, then `last`.
+/// A document's last written point (its first chunk, which carries the content hash the
+/// unchanged-document check reads) goes in `last`, after its stale chunks are gone, so a
+/// crash at any step leaves a state that a replay repairs and that is never mistaken for
+/// a complete document.
+#[derive(Debug, Clone, Default)]
+pub struct Write {
+    pub upserts: Vec<Point>,
+    pub deletes: Vec<Uuid>,
+    pub stale: Vec<ChunkRange>,
+    pub last: Vec<Point>,
+}
+
+impl Write {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty()
+            && self.deletes.is_empty()
+            && self.stale.is_empty()
+            && self.last.is_empty()
+    }
+}
+
 /// A search result or a retrieved point.
 #[derive(Debug, Clone)]
 pub struct Hit {
@@ -53,21 +96,23 @@ pub const TOO_LARGE: &str = "too_large_for_store";
 
 /// A vector store.
 pub trait Sink: Send + Sync + 'static {
-    /// Creates the collection when missing (cosine, `dim` dimensions); fails with a clear
-    /// message when it exists with another shape.
+    /// Creates the collection when missing (cosine, `dim` dimensions) and the payload
+    /// indexes document deletes filter on; fails with a clear message when it exists with
+    /// another shape.
     fn ensure_collection(&self, dim: usize) -> impl Future<Output = Result<(), SinkError>> + Send;
-    /// Upserts then deletes, durably (`wait=true` / flushed) before returning.
-    fn write(
-        &self,
-        upserts: Vec<Point>,
-        deletes: Vec<Uuid>,
-    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Applies `w` in its order, durably (`wait=true` / flushed) before returning.
+    fn write(&self, w: Write) -> impl Future<Output = Result<(), SinkError>> + Send;
     fn search(
         &self,
         vector: Vec<f32>,
         top_k: usize,
     ) -> impl Future<Output = Result<Vec<Hit>, SinkError>> + Send;
-    fn retrieve(&self, ids: Vec<Uuid>) -> impl Future<Output = Result<Vec<Hit>, SinkError>> + Send;
+    /// The points of `ids` that exist, with payload (and vector when asked).
+    fn retrieve(
+        &self,
+        ids: Vec<Uuid>,
+        with_vectors: bool,
+    ) -> impl Future<Output = Result<Vec<Hit>, SinkError>> + Send;
     fn count(&self) -> impl Future<Output = Result<usize, SinkError>> + Send;
     /// Cheap but real health check for `/readyz` (the store answers, the collection is
     /// there).
@@ -93,14 +138,14 @@ impl Sink for AnySink {
     async fn ensure_collection(&self, dim: usize) -> Result<(), SinkError> {
         dispatch!(self, s => s.ensure_collection(dim).await)
     }
-    async fn write(&self, upserts: Vec<Point>, deletes: Vec<Uuid>) -> Result<(), SinkError> {
-        dispatch!(self, s => s.write(upserts, deletes).await)
+    async fn write(&self, w: Write) -> Result<(), SinkError> {
+        dispatch!(self, s => s.write(w).await)
     }
     async fn search(&self, vector: Vec<f32>, top_k: usize) -> Result<Vec<Hit>, SinkError> {
         dispatch!(self, s => s.search(vector, top_k).await)
     }
-    async fn retrieve(&self, ids: Vec<Uuid>) -> Result<Vec<Hit>, SinkError> {
-        dispatch!(self, s => s.retrieve(ids).await)
+    async fn retrieve(&self, ids: Vec<Uuid>, with_vectors: bool) -> Result<Vec<Hit>, SinkError> {
+        dispatch!(self, s => s.retrieve(ids, with_vectors).await)
     }
     async fn count(&self) -> Result<usize, SinkError> {
         dispatch!(self, s => s.count().await)

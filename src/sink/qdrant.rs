@@ -7,20 +7,44 @@
 use std::time::Duration;
 
 use qdrant_client::qdrant::{
-    vector_output, vectors_config, vectors_output, CountPointsBuilder, CreateCollectionBuilder,
-    DeletePointsBuilder, Distance, GetPointsBuilder, PointId, PointStruct, PointsIdsList,
+    vector_output, vectors_config, vectors_output, Condition, CountPointsBuilder,
+    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, DeletePointsBuilder, Distance,
+    FieldType, Filter, GetPointsBuilder, PointId, PointStruct, PointsIdsList, Range,
     SearchPointsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use uuid::Uuid;
 
-use super::{Hit, Point, Sink, SinkError};
+use super::{fields, ChunkRange, Hit, Point, Sink, SinkError, Write};
 use crate::settings::QdrantSettings;
 
 pub struct QdrantSink {
     client: Qdrant,
     collection: String,
     max_request_bytes: usize,
+}
+
+/// Points whose payload field is `document_id` of one of `ranges` and, where `from` > 0,
+/// whose `chunk_index` is at least `from`.
+pub fn chunks_filter(ranges: &[ChunkRange]) -> Filter {
+    Filter::should(ranges.iter().map(|r| {
+        let doc = Condition::matches(fields::DOCUMENT_ID, r.document.to_string());
+        if r.from == 0 {
+            doc
+        } else {
+            Filter::must([
+                doc,
+                Condition::range(
+                    fields::CHUNK_INDEX,
+                    Range {
+                        gte: Some(f64::from(r.from)),
+                        ..Default::default()
+                    },
+                ),
+            ])
+            .into()
+        }
+    }))
 }
 
 /// Room left in a request for everything but the points (collection name, flags).
@@ -86,6 +110,44 @@ fn payload_json(
 }
 
 impl QdrantSink {
+    /// The payload indexes document deletes filter on (idempotent: Qdrant answers an
+    /// existing index of the same type with success).
+    async fn ensure_indexes(&self) -> Result<(), SinkError> {
+        for (field, kind) in [
+            (fields::DOCUMENT_ID, FieldType::Keyword),
+            (fields::CHUNK_INDEX, FieldType::Integer),
+        ] {
+            self.client
+                .create_field_index(
+                    CreateFieldIndexCollectionBuilder::new(&self.collection, field, kind).wait(true),
+                )
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    /// Upserts `points` in requests under `max_request_bytes`.
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), SinkError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let points: Vec<PointStruct> = points
+            .into_iter()
+            .map(|p| PointStruct::new(p.id, p.vector, p.payload))
+            .collect();
+        let budget = self
+            .max_request_bytes
+            .saturating_sub(REQUEST_OVERHEAD + self.collection.len());
+        for chunk in split_by_size(points, budget)? {
+            self.client
+                .upsert_points(UpsertPointsBuilder::new(&self.collection, chunk).wait(true))
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
     pub fn connect(cfg: &QdrantSettings) -> Result<Self, SinkError> {
         let mut b = Qdrant::from_url(&cfg.url)
             .timeout(Duration::from_millis(cfg.timeout_ms))
@@ -177,7 +239,7 @@ impl Sink for QdrantSink {
             Some(vectors_config::Config::Params(p))
                 if p.size == dim as u64 && p.distance == Distance::Cosine as i32 =>
             {
-                Ok(())
+                self.ensure_indexes().await
             }
             other => Err(SinkError::Permanent(format!(
                 "Qdrant collection {:?} exists with vectors {other:?}, but the model makes one unnamed \
@@ -187,24 +249,10 @@ impl Sink for QdrantSink {
         }
     }
 
-    async fn write(&self, upserts: Vec<Point>, deletes: Vec<Uuid>) -> Result<(), SinkError> {
-        if !upserts.is_empty() {
-            let points: Vec<PointStruct> = upserts
-                .into_iter()
-                .map(|p| PointStruct::new(p.id, p.vector, p.payload))
-                .collect();
-            let budget = self
-                .max_request_bytes
-                .saturating_sub(REQUEST_OVERHEAD + self.collection.len());
-            for chunk in split_by_size(points, budget)? {
-                self.client
-                    .upsert_points(UpsertPointsBuilder::new(&self.collection, chunk).wait(true))
-                    .await
-                    .map_err(classify)?;
-            }
-        }
-        if !deletes.is_empty() {
-            let ids: Vec<PointId> = deletes.into_iter().map(PointId::from).collect();
+    async fn write(&self, w: Write) -> Result<(), SinkError> {
+        self.upsert(w.upserts).await?;
+        if !w.deletes.is_empty() {
+            let ids: Vec<PointId> = w.deletes.into_iter().map(PointId::from).collect();
             self.client
                 .delete_points(
                     DeletePointsBuilder::new(&self.collection)
@@ -214,7 +262,17 @@ impl Sink for QdrantSink {
                 .await
                 .map_err(classify)?;
         }
-        Ok(())
+        if !w.stale.is_empty() {
+            self.client
+                .delete_points(
+                    DeletePointsBuilder::new(&self.collection)
+                        .points(chunks_filter(&w.stale))
+                        .wait(true),
+                )
+                .await
+                .map_err(classify)?;
+        }
+        self.upsert(w.last).await
     }
 
     async fn search(&self, vector: Vec<f32>, top_k: usize) -> Result<Vec<Hit>, SinkError> {
@@ -237,14 +295,14 @@ impl Sink for QdrantSink {
             .collect())
     }
 
-    async fn retrieve(&self, ids: Vec<Uuid>) -> Result<Vec<Hit>, SinkError> {
+    async fn retrieve(&self, ids: Vec<Uuid>, with_vectors: bool) -> Result<Vec<Hit>, SinkError> {
         let ids: Vec<PointId> = ids.into_iter().map(PointId::from).collect();
         let res = self
             .client
             .get_points(
                 GetPointsBuilder::new(&self.collection, ids)
                     .with_payload(true)
-                    .with_vectors(true),
+                    .with_vectors(with_vectors),
             )
             .await
             .map_err(classify)?;

@@ -623,7 +623,7 @@ fn to_item<M: Message>(m: &M, cfg: &MessageSettings, metrics: &Metrics) -> Item 
         },
         op,
         key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(<[u8]>::to_vec),
+        value: m.payload().map(Arc::from),
         timestamp_ms: m.timestamp().to_millis(),
     }
 }

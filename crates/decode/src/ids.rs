@@ -32,6 +32,17 @@ pub fn from_file_line(file: &str, line: u64) -> Uuid {
     Uuid::new_v5(&NAMESPACE, format!("file:{file}:{line}").as_bytes())
 }
 
+/// Id of chunk `index` of a document: the document's own id for the first chunk (so a
+/// document of one chunk keeps the id it had before documents were split, and replays
+/// overwrite points written by older versions), else a UUIDv5 in the document's namespace.
+pub fn chunk(document: Uuid, index: u32) -> Uuid {
+    if index == 0 {
+        document
+    } else {
+        Uuid::new_v5(&document, format!("chunk:{index}").as_bytes())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +73,11 @@ mod tests {
             "b5044a96-a69b-58af-9561-4bb671cd3f63"
         );
         assert_eq!(from_entity(b"doc-1").get_version_num(), 5);
+        let doc = from_entity(b"doc-1");
+        assert_eq!(chunk(doc, 0), doc);
+        assert_eq!(
+            chunk(doc, 3).to_string(),
+            "411a8308-ee61-5462-bdfa-71bb6c8782bd"
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! A Qdrant-protocol test server: qdrant-client's generated gRPC server traits, backed by
 //! the embedded store (qdrant-edge, one shard per collection, on disk). It covers what
 //! streambed uses (health check; collection create, exists, info, list, delete; point
-//! upsert, delete by id, get, scroll, search, count) for UUID ids and one unnamed cosine
-//! vector, and behaves like Qdrant 1.18 where streambed depends on it:
+//! upsert, delete by id or by filter, get, scroll, search, count; payload indexes) for UUID
+//! ids and one unnamed cosine vector, and behaves like Qdrant 1.18 where streambed depends
+//! on it:
 //! - `wait=true` answers after the operation is applied (and flushed); `wait=false` (the
 //!   protocol's default) answers `Acknowledged` on acceptance and applies it later, in
 //!   order with the collection's other writes;
@@ -27,7 +28,11 @@ use qdrant_client::qdrant::points_selector::PointsSelectorOneOf;
 use qdrant_client::qdrant::points_server::{Points, PointsServer};
 use qdrant_client::qdrant::qdrant_server::{Qdrant, QdrantServer};
 use qdrant_client::qdrant::{self as pb, vectors_config, Distance};
-use streambed::sink::embedded::EmbeddedSink;
+use qdrant_edge::{
+    CreateIndex, FieldIndexOperations, PayloadFieldSchema, PayloadSchemaType, PointId,
+    PointOperations, UpdateOperation,
+};
+use streambed::sink::embedded::{upsert_op, EmbeddedSink};
 use streambed::sink::{Point, Sink, SinkError};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tonic::{Request, Response, Status};
@@ -35,8 +40,7 @@ use uuid::Uuid;
 
 /// A write, applied by the collection's writer task in arrival order.
 struct Write {
-    upserts: Vec<Point>,
-    deletes: Vec<Uuid>,
+    ops: Vec<UpdateOperation>,
     /// `Some` for wait=true: told once applied.
     applied: Option<oneshot::Sender<Result<(), Status>>>,
 }
@@ -48,16 +52,10 @@ struct Collection {
 }
 
 impl Collection {
-    async fn write(
-        &self,
-        upserts: Vec<Point>,
-        deletes: Vec<Uuid>,
-        wait: bool,
-    ) -> Result<bool, Status> {
+    async fn write(&self, ops: Vec<UpdateOperation>, wait: bool) -> Result<bool, Status> {
         let (tx, rx) = oneshot::channel();
         let w = Write {
-            upserts,
-            deletes,
+            ops,
             applied: wait.then_some(tx),
         };
         self.writes
@@ -191,6 +189,79 @@ fn payload_grpc(p: serde_json::Map<String, serde_json::Value>) -> HashMap<String
     qdrant_client::Payload::from(p).into()
 }
 
+/// A gRPC filter as the engine's: through Qdrant's JSON shape, which the engine reads.
+#[allow(clippy::result_large_err)]
+fn edge_filter(f: &pb::Filter) -> Result<qdrant_edge::Filter, Status> {
+    serde_json::from_value(filter_json(f)?)
+        .map_err(|e| Status::invalid_argument(format!("bad filter: {e}")))
+}
+
+#[allow(clippy::result_large_err)]
+fn filter_json(f: &pb::Filter) -> Result<serde_json::Value, Status> {
+    if f.min_should.is_some() {
+        return Err(unsupported("min_should"));
+    }
+    let list = |cs: &[pb::Condition]| -> Result<serde_json::Value, Status> {
+        Ok(serde_json::Value::Array(
+            cs.iter().map(condition_json).collect::<Result<_, _>>()?,
+        ))
+    };
+    let mut o = serde_json::Map::new();
+    for (k, cs) in [("must", &f.must), ("should", &f.should), ("must_not", &f.must_not)] {
+        if !cs.is_empty() {
+            o.insert(k.into(), list(cs)?);
+        }
+    }
+    Ok(serde_json::Value::Object(o))
+}
+
+#[allow(clippy::result_large_err)]
+fn condition_json(c: &pb::Condition) -> Result<serde_json::Value, Status> {
+    use pb::condition::ConditionOneOf as C;
+    use pb::r#match::MatchValue as M;
+    use serde_json::json;
+    Ok(match &c.condition_one_of {
+        Some(C::Field(fc)) => {
+            let mut o = json!({ "key": fc.key });
+            if let Some(m) = fc.r#match.as_ref().and_then(|m| m.match_value.as_ref()) {
+                o["match"] = match m {
+                    M::Keyword(v) => json!({ "value": v }),
+                    M::Integer(v) => json!({ "value": v }),
+                    M::Boolean(v) => json!({ "value": v }),
+                    M::Text(v) => json!({ "text": v }),
+                    M::Keywords(v) => json!({ "any": v.strings }),
+                    M::Integers(v) => json!({ "any": v.integers }),
+                    M::ExceptKeywords(v) => json!({ "except": v.strings }),
+                    M::ExceptIntegers(v) => json!({ "except": v.integers }),
+                    _ => return Err(unsupported("this match")),
+                };
+            }
+            if let Some(r) = &fc.range {
+                let mut range = serde_json::Map::new();
+                for (k, v) in [("lt", r.lt), ("gt", r.gt), ("gte", r.gte), ("lte", r.lte)] {
+                    if let Some(v) = v {
+                        range.insert(k.into(), json!(v));
+                    }
+                }
+                o["range"] = serde_json::Value::Object(range);
+            }
+            o
+        }
+        Some(C::Filter(f)) => filter_json(f)?,
+        Some(C::HasId(h)) => {
+            let ids = h
+                .has_id
+                .iter()
+                .map(|id| uuid_of(id).map(|u| u.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            json!({ "has_id": ids })
+        }
+        Some(C::IsEmpty(e)) => json!({ "is_empty": { "key": e.key } }),
+        Some(C::IsNull(e)) => json!({ "is_null": { "key": e.key } }),
+        _ => return Err(unsupported("this filter condition")),
+    })
+}
+
 fn elapsed(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
@@ -233,7 +304,7 @@ impl TestServer {
                 {
                     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                 }
-                let r = writer.write(w.upserts, w.deletes).await.map_err(status);
+                let r = writer.apply(w.ops).await.map_err(status);
                 if let Err(e) = &r {
                     tracing::warn!(error = %e, "write failed");
                 }
@@ -542,7 +613,7 @@ impl Points for TestServer {
         }
         // The embedded store flushes every write, which is what wait=true promises.
         let applied = c
-            .write(points, Vec::new(), req.wait.unwrap_or(false))
+            .write(vec![upsert_op(points)], req.wait.unwrap_or(false))
             .await?;
         Ok(done(t, applied))
     }
@@ -555,15 +626,26 @@ impl Points for TestServer {
         let req = r.into_inner();
         let c = self.must(&req.collection_name).await?;
         self.injected_write_fault()?;
-        let ids = match req.points.and_then(|p| p.points_selector_one_of) {
-            Some(PointsSelectorOneOf::Points(list)) => list
-                .ids
-                .iter()
-                .map(uuid_of)
-                .collect::<Result<Vec<_>, _>>()?,
-            _ => return Err(unsupported("delete by filter")),
+        let op = match req.points.and_then(|p| p.points_selector_one_of) {
+            Some(PointsSelectorOneOf::Points(list)) => {
+                let ids = list
+                    .ids
+                    .iter()
+                    .map(|id| uuid_of(id).map(PointId::Uuid))
+                    .collect::<Result<Vec<_>, _>>()?;
+                PointOperations::DeletePoints { ids }
+            }
+            Some(PointsSelectorOneOf::Filter(f)) => {
+                PointOperations::DeletePointsByFilter(edge_filter(&f)?)
+            }
+            None => return Err(Status::invalid_argument("delete without a selector")),
         };
-        let applied = c.write(Vec::new(), ids, req.wait.unwrap_or(false)).await?;
+        let applied = c
+            .write(
+                vec![UpdateOperation::PointOperation(op)],
+                req.wait.unwrap_or(false),
+            )
+            .await?;
         Ok(done(t, applied))
     }
 
@@ -573,7 +655,7 @@ impl Points for TestServer {
         let c = self.must(&req.collection_name).await?;
         let ids = req.ids.iter().map(uuid_of).collect::<Result<Vec<_>, _>>()?;
         let with_vectors = wants_vectors(req.with_vectors);
-        let hits = c.sink.retrieve(ids).await.map_err(status)?;
+        let hits = c.sink.retrieve(ids, with_vectors).await.map_err(status)?;
         let result = hits
             .into_iter()
             .map(|h| retrieved(h, with_vectors))
@@ -681,9 +763,31 @@ impl Points for TestServer {
 
     async fn create_field_index(
         &self,
-        _: Request<pb::CreateFieldIndexCollection>,
+        r: Request<pb::CreateFieldIndexCollection>,
     ) -> Result<Response<pb::PointsOperationResponse>, Status> {
-        Err(unsupported("create_field_index"))
+        let t = Instant::now();
+        let req = r.into_inner();
+        let c = self.must(&req.collection_name).await?;
+        let kind = match pb::FieldType::try_from(req.field_type.unwrap_or(0)) {
+            Ok(pb::FieldType::Keyword) => PayloadSchemaType::Keyword,
+            Ok(pb::FieldType::Integer) => PayloadSchemaType::Integer,
+            Ok(pb::FieldType::Float) => PayloadSchemaType::Float,
+            Ok(pb::FieldType::Bool) => PayloadSchemaType::Bool,
+            Ok(pb::FieldType::Uuid) => PayloadSchemaType::Uuid,
+            _ => return Err(unsupported("this payload index type")),
+        };
+        let field_name = req
+            .field_name
+            .parse()
+            .map_err(|_| Status::invalid_argument("bad field name"))?;
+        let op = UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(
+            CreateIndex {
+                field_name,
+                field_schema: Some(PayloadFieldSchema::FieldType(kind)),
+            },
+        ));
+        let applied = c.write(vec![op], req.wait.unwrap_or(false)).await?;
+        Ok(done(t, applied))
     }
 
     async fn delete_field_index(
