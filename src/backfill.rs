@@ -340,6 +340,12 @@ pub struct Summary {
     pub lines: u64,
     pub seconds: f64,
     pub complete: bool,
+    /// Documents written, the chunks (points) they made, texts embedded, and documents
+    /// skipped because the store held the same content.
+    pub documents: u64,
+    pub chunks: u64,
+    pub embedded: u64,
+    pub unchanged: u64,
 }
 
 pub async fn backfill(
@@ -508,6 +514,10 @@ pub async fn backfill(
             .load(std::sync::atomic::Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
         complete,
+        documents: metrics.documents.get(),
+        chunks: metrics.upserted.get(),
+        embedded: metrics.embedded.get(),
+        unchanged: metrics.unchanged.get(),
     })
 }
 

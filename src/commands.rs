@@ -449,7 +449,12 @@ pub fn bench(
 
 /// `streambed search`: embeds the query (with `model.query_prefix`) and prints the nearest
 /// points as JSON lines.
-pub async fn search(s: crate::settings::Settings, query: &str, top_k: usize) -> anyhow::Result<()> {
+pub async fn search(
+    s: crate::settings::Settings,
+    query: &str,
+    top_k: usize,
+    group_by_document: bool,
+) -> anyhow::Result<()> {
     use crate::sink::Sink;
     let metrics = crate::metrics::Metrics::new();
     let model = crate::run::load_model(&s, &metrics, &s.model.query_prefix).await?;
@@ -461,10 +466,16 @@ pub async fn search(s: crate::settings::Settings, query: &str, top_k: usize) -> 
         .expect("one vector");
     let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
     let sink = crate::run::open_sink(&s, model.info.dim, &mut stop).await?;
-    for hit in sink.search(vector, top_k).await? {
+    let hits = if group_by_document {
+        crate::sink::search_documents(sink.as_ref(), vector, top_k).await?
+    } else {
+        sink.search(vector, top_k).await?
+    };
+    for hit in hits {
+        let document = crate::sink::document_of(&hit);
         println!(
             "{}",
-            serde_json::json!({"score": hit.score, "id": hit.id, "text": hit.payload.get("text"), "payload": hit.payload})
+            serde_json::json!({"score": hit.score, "id": hit.id, "document_id": document, "text": hit.payload.get("text"), "payload": hit.payload})
         );
     }
     Ok(())

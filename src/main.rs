@@ -67,6 +67,9 @@ enum Command {
         query: String,
         #[arg(long, default_value_t = 5)]
         top_k: usize,
+        /// One hit per document (its best chunk), for collections of split documents.
+        #[arg(long)]
+        group_by_document: bool,
     },
     /// Send a file's lines to a Kafka topic (created when missing); JSON lines keyed by "id".
     Produce {
@@ -217,12 +220,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 shutdown_signal(),
             ))?;
             println!(
-                "files={} lines={} seconds={:.1} lines_per_s={:.1} complete={}",
+                "files={} lines={} seconds={:.1} lines_per_s={:.1} complete={} documents={} chunks={} embedded={} unchanged={}",
                 r.files,
                 r.lines,
                 r.seconds,
                 r.lines as f64 / r.seconds.max(1e-9),
-                r.complete
+                r.complete,
+                r.documents,
+                r.chunks,
+                r.embedded,
+                r.unchanged
             );
             if !r.complete {
                 std::process::exit(130);
@@ -233,10 +240,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             settings,
             query,
             top_k,
+            group_by_document,
         } => {
             let s = settings.load()?;
             init_logs(s.log.format);
-            on_runtime(commands::search(s, &query, top_k))
+            on_runtime(commands::search(s, &query, top_k, group_by_document))
         }
         Command::Produce {
             brokers,

@@ -299,6 +299,8 @@ fn big_batches_are_split_to_the_request_limit_and_never_stall() {
         env.push(("STREAMBED__QDRANT__MAX_REQUEST_BYTES".into(), limit.into()));
         env.push(("STREAMBED__BATCH__MAX_ITEMS".into(), "64".into()));
         env.push(("STREAMBED__BATCH__MAX_TOKENS".into(), "65536".into()));
+        // One ~900 KB point per message (split mode would make each a thousand chunks).
+        env.push(("STREAMBED__CHUNK__MODE".into(), "truncate".into()));
         let started = std::time::Instant::now();
         let mut w = Worker::spawn(&["run"], &env, &dir.path().join(format!("{phase}.log")));
         broker.wait_committed(&group, &topic, &ends, Duration::from_secs(300));

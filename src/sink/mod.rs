@@ -155,6 +155,47 @@ impl Sink for AnySink {
     }
 }
 
+/// The document a hit belongs to: its `document_id`, or its own id for points written
+/// before documents were split.
+pub fn document_of(hit: &Hit) -> String {
+    hit.payload
+        .get(fields::DOCUMENT_ID)
+        .and_then(|v| v.as_str())
+        .map_or_else(|| hit.id.clone(), str::to_string)
+}
+
+/// The `top_k` best documents, each by its best chunk (score order). Searches deeper
+/// until that many distinct documents are found or the collection has no more points;
+/// the same result in both stores, as Qdrant's own grouping would give for `group_size=1`.
+pub async fn search_documents<S: Sink>(
+    sink: &S,
+    vector: Vec<f32>,
+    top_k: usize,
+) -> Result<Vec<Hit>, SinkError> {
+    /// Beyond this many chunks, the documents found are returned (a search that deep
+    /// means a few documents of very many chunks fill the top).
+    const DEEPEST: usize = 16_384;
+    let mut limit = (top_k * 4).max(16);
+    loop {
+        let hits = sink.search(vector.clone(), limit).await?;
+        let exhausted = hits.len() < limit;
+        let mut seen = std::collections::HashSet::new();
+        let mut best = Vec::with_capacity(top_k);
+        for h in hits {
+            if seen.insert(document_of(&h)) {
+                best.push(h);
+                if best.len() == top_k {
+                    return Ok(best);
+                }
+            }
+        }
+        if exhausted || limit >= DEEPEST {
+            return Ok(best);
+        }
+        limit = (limit * 4).min(DEEPEST);
+    }
+}
+
 /// Opens the store the settings name.
 pub async fn open(settings: &crate::settings::Settings) -> Result<AnySink, SinkError> {
     use crate::settings::SinkKind;
