@@ -6,6 +6,7 @@
 //!                                   [--backlog 200000 --backlog-seconds 60]
 //!                                   [--model multilingual-e5-small] [--prefix "passage: "]
 //!                                   [--dtype f32|int8] [--threads N]
+//!                                   [--chunking-rounds 3]
 //!
 //! `--model` names a folder under models/ (scripts/fetch-models.sh); the prefix defaults
 //! to e5's "passage: " for e5 models and to nothing otherwise.
@@ -17,6 +18,10 @@
 //!   latency   p50/p95/p99 end-to-end (producer timestamp to confirmed upsert) at an
 //!             offered load of half the sustained rate
 //!   backlog   peak RSS of a worker process facing a --backlog message backlog
+//!   chunking  (with --chunking-rounds R, instead of pipeline/latency/backlog) sustained
+//!             sent/s of `chunk.mode = "split"` with the unchanged-document check (the
+//!             defaults) and of `truncate` without it, interleaved over R rounds, fresh
+//!             topic and store each; medians and the split/truncate ratio
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -122,17 +127,58 @@ fn settings(
     store: &std::path::Path,
     model: &ModelChoice,
 ) -> Settings {
-    let env = model
-        .apply(worker_env(broker, topic, &unique("bench"), store))
-        .into_iter()
-        .map(|(k, v)| {
-            if k == "STREAMBED__METRICS__ADDR" {
-                (k, String::new())
-            } else {
-                (k, v)
-            }
-        });
+    settings_with(broker, topic, store, model, &[])
+}
+
+fn settings_with(
+    broker: &Broker,
+    topic: &str,
+    store: &std::path::Path,
+    model: &ModelChoice,
+    extra: &[(&str, &str)],
+) -> Settings {
+    let mut env = model.apply(worker_env(broker, topic, &unique("bench"), store));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let env = env.into_iter().map(|(k, v)| {
+        if k == "STREAMBED__METRICS__ADDR" {
+            (k, String::new())
+        } else {
+            (k, v)
+        }
+    });
     Settings::load_from(None, env).expect("bench settings")
+}
+
+/// Sustained sent/s of a worker with settings `s` over a backlog of `n` messages, from
+/// the first consumed message to the last confirmed upsert.
+fn sustained(s: Settings, n: usize) -> f64 {
+    let metrics = Metrics::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = rt.spawn(streambed::run::run_with_metrics(
+        s,
+        metrics.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut first = None;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while metrics.upserted.get() < n as u64 {
+        if first.is_none() && metrics.consumed.get() > 0 {
+            first = Some(Instant::now());
+        }
+        assert!(Instant::now() < deadline, "pipeline did not finish");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let r = n as f64 / first.unwrap().elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    rt.block_on(worker).unwrap().unwrap();
+    r
 }
 
 fn main() {
@@ -172,6 +218,43 @@ fn main() {
                 r.sent_per_s, r.tok_per_s, r.p50_batch_ms, r.sentences
             );
         }
+    }
+
+    let rounds = arg("--chunking-rounds", 0);
+    if rounds > 0 {
+        let modes: [(&str, &[(&str, &str)]); 2] = [
+            ("split", &[]),
+            (
+                "truncate",
+                &[
+                    ("STREAMBED__CHUNK__MODE", "truncate"),
+                    ("STREAMBED__CHUNK__SKIP_UNCHANGED", "false"),
+                ],
+            ),
+        ];
+        let mut figures = vec![Vec::new(); 2];
+        for round in 0..rounds {
+            for (k, (label, extra)) in modes.iter().enumerate() {
+                let topic = unique("chunking");
+                broker.create_topic(&topic, 3);
+                broker.produce(&topic, &msgs);
+                let store = tempfile::tempdir().unwrap();
+                let s = settings_with(&broker, &topic, store.path(), &model, extra);
+                let r = sustained(s, n);
+                println!("chunking round={round} mode={label} sustained_sent_per_s={r:.1}");
+                figures[k].push(r);
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (a, b) = (median(&mut figures[0]), median(&mut figures[1]));
+        println!(
+            "chunking messages={n} rounds={rounds} split_median={a:.1} truncate_median={b:.1} ratio={:.3}",
+            a / b
+        );
+        return;
     }
 
     // 2. Sustained pipeline throughput over a backlog.

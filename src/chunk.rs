@@ -415,12 +415,21 @@ mod tests {
         assert_eq!(chunks[0].start, 0);
         assert_eq!(chunks.last().unwrap().end, text.len());
         for w in chunks.windows(2) {
-            assert!(w[1].start <= w[0].end, "gap between {:?} and {:?}", w[0], w[1]);
+            assert!(
+                w[1].start <= w[0].end,
+                "gap between {:?} and {:?}",
+                w[0],
+                w[1]
+            );
             assert!(w[1].start > w[0].start && w[1].end > w[0].end);
         }
         for r in &chunks {
             assert!(text.is_char_boundary(r.start) && text.is_char_boundary(r.end));
-            assert!(c.count(&text[r.clone()]) <= budget, "{:?}", &text[r.clone()]);
+            assert!(
+                c.count(&text[r.clone()]) <= budget,
+                "{:?}",
+                &text[r.clone()]
+            );
             assert!(!text[r.clone()].trim().is_empty());
         }
         chunks
@@ -454,7 +463,13 @@ mod tests {
         .collect();
         assert_eq!(
             units,
-            ["그는학교에갔다.", "그리고집에왔다.", "비가왔어요?", "네그래요!", "3.14는숫자다."]
+            [
+                "그는학교에갔다.",
+                "그리고집에왔다.",
+                "비가왔어요?",
+                "네그래요!",
+                "3.14는숫자다."
+            ]
         );
     }
 

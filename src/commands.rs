@@ -553,3 +553,171 @@ pub async fn produce(
     }
     Ok(sent)
 }
+
+/// Figures of `streambed eval --documents`.
+#[derive(Debug, Clone)]
+pub struct DocumentEval {
+    pub documents: usize,
+    pub queries: usize,
+    /// Chunks the split documents made.
+    pub chunks: usize,
+    pub hit5_split: f64,
+    pub hit5_truncate: f64,
+    pub mrr10_split: f64,
+    pub mrr10_truncate: f64,
+}
+
+/// Retrieval over long documents, `split` against `truncate`: documents of `per_doc`
+/// STS sentences, of which every tenth is one side of a pair with gold >= 4; the other
+/// side is a query, kept only when its sentence starts past the model's first
+/// `max_seq_length` tokens of the document (what truncation cannot see). A document
+/// scores by its best chunk (`search --group-by-document`); hit@5 and MRR@10 over
+/// documents. Deterministic: the corpus is shuffled with a fixed seed.
+pub fn eval_documents(
+    args: &ModelArgs,
+    data: &std::path::Path,
+    query_prefix: &str,
+    n_docs: usize,
+    per_doc: usize,
+    max_tokens: usize,
+) -> anyhow::Result<DocumentEval> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+
+    use crate::settings::{ChunkMode, ChunkSettings};
+
+    let m = args.load()?;
+    let limit = m.info.max_seq_length;
+    let dir = embed::hub::resolve(&args.model)?;
+    let queries_tok = embed::TextTokenizer::load(&dir, limit, query_prefix)?;
+    let pairs = sts::load_pairs(data)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let mut relevant: Vec<&sts::Pair> = pairs
+        .iter()
+        .filter(|p| p.score >= 4.0 && p.a != p.b)
+        .collect();
+    let used: std::collections::HashSet<&str> = pairs
+        .iter()
+        .filter(|p| p.score >= 4.0)
+        .flat_map(|p| [p.a.as_str(), p.b.as_str()])
+        .collect();
+    let mut fillers: Vec<String> = sts::sentences(&pairs)
+        .into_iter()
+        .filter(|s| !used.contains(s.as_str()))
+        .collect();
+    relevant.shuffle(&mut rng);
+    fillers.shuffle(&mut rng);
+    let per_relevant = 10;
+    anyhow::ensure!(
+        relevant.len() >= n_docs * per_doc / per_relevant && fillers.len() >= n_docs * per_doc,
+        "{}: too few sentences for {n_docs} documents of {per_doc}",
+        data.display()
+    );
+    let (mut rel, mut fill) = (relevant.into_iter(), fillers.into_iter());
+    let mut docs = Vec::new();
+    let mut queries: Vec<(String, usize)> = Vec::new();
+    for d in 0..n_docs {
+        let mut text = String::new();
+        for j in 0..per_doc {
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            if j % per_relevant == per_relevant / 2 {
+                let p = rel.next().expect("checked");
+                if m.tokenizer.count_whole(&text) > limit {
+                    queries.push((p.b.clone(), d));
+                }
+                text.push_str(&p.a);
+            } else {
+                text.push_str(&fill.next().expect("checked"));
+            }
+        }
+        docs.push(text);
+    }
+    anyhow::ensure!(
+        !queries.is_empty(),
+        "no sentence lies past the first {limit} tokens; use longer documents"
+    );
+
+    let embed = |seqs: Vec<Vec<u32>>| -> anyhow::Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for part in seqs.chunks(args.batch_size * 8) {
+            let refs: Vec<&[u32]> = part.iter().map(Vec::as_slice).collect();
+            out.extend(m.encoder.embed(&refs)?);
+        }
+        Ok(out)
+    };
+    let q_vecs = embed(
+        queries
+            .iter()
+            .map(|(q, _)| queries_tok.tokenize(q).map(|t| t.ids))
+            .collect::<Result<_, _>>()?,
+    )?;
+    let mut figures = [(0.0, 0.0, 0usize); 2];
+    for (k, mode) in [ChunkMode::Split, ChunkMode::Truncate]
+        .into_iter()
+        .enumerate()
+    {
+        let documents = crate::document::Documents::new(
+            m.tokenizer.clone(),
+            &ChunkSettings {
+                mode,
+                max_tokens: if mode == ChunkMode::Split {
+                    max_tokens
+                } else {
+                    0
+                },
+                overlap_tokens: if max_tokens == 0 || max_tokens >= 256 {
+                    32
+                } else {
+                    max_tokens / 8
+                },
+                skip_unchanged: false,
+            },
+            &m.info.name,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
+        let mut owner = Vec::new();
+        let mut seqs = Vec::new();
+        for (d, text) in docs.iter().enumerate() {
+            match documents.plan(text)? {
+                crate::document::Plan::Whole(t) => {
+                    owner.push(d);
+                    seqs.push(t.ids);
+                }
+                crate::document::Plan::Chunks(spans) => {
+                    for r in spans {
+                        owner.push(d);
+                        seqs.push(documents.tokenize_chunk(&text[r])?.ids);
+                    }
+                }
+            }
+        }
+        let chunk_vecs = embed(seqs)?;
+        let (mut hits, mut rr) = (0.0, 0.0);
+        for (qv, (_, relevant_doc)) in q_vecs.iter().zip(&queries) {
+            let mut best = vec![f32::MIN; docs.len()];
+            for (cv, &d) in chunk_vecs.iter().zip(&owner) {
+                best[d] = best[d].max(embed::cosine(qv, cv));
+            }
+            let rank = best.iter().filter(|&&s| s > best[*relevant_doc]).count();
+            if rank < 5 {
+                hits += 1.0;
+            }
+            if rank < 10 {
+                rr += 1.0 / (rank + 1) as f64;
+            }
+        }
+        let n = queries.len() as f64;
+        figures[k] = (hits / n, rr / n, chunk_vecs.len());
+    }
+    Ok(DocumentEval {
+        documents: docs.len(),
+        queries: queries.len(),
+        chunks: figures[0].2,
+        hit5_split: figures[0].0,
+        hit5_truncate: figures[1].0,
+        mrr10_split: figures[0].1,
+        mrr10_truncate: figures[1].1,
+    })
+}

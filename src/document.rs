@@ -150,7 +150,8 @@ impl Documents {
     /// Decides how `text` is stored. Fails only for text with nothing to embed.
     pub fn plan(&self, text: &str) -> Result<Plan, ItemError> {
         let tokens = self.tokenizer.tokenize(text)?;
-        if self.mode == ChunkMode::Truncate || (!tokens.truncated && tokens.ids.len() <= self.max_tokens)
+        if self.mode == ChunkMode::Truncate
+            || (!tokens.truncated && tokens.ids.len() <= self.max_tokens)
         {
             return Ok(Plan::Whole(tokens));
         }

@@ -90,6 +90,21 @@ enum Command {
         model: ModelArgs,
         #[arg(long)]
         data: PathBuf,
+        /// Retrieval over long documents built from the STS file: hit@5 of `split`
+        /// chunking against `truncate` for queries past the first max_seq_length tokens.
+        #[arg(long)]
+        documents: bool,
+        /// With --documents: the prefix put before queries (e5: "query: ").
+        #[arg(long, default_value = "")]
+        query_prefix: String,
+        /// With --documents: how many documents, and STS sentences in each.
+        #[arg(long, default_value_t = 40)]
+        docs: usize,
+        #[arg(long, default_value_t = 100)]
+        sentences_per_doc: usize,
+        /// With --documents: chunk.max_tokens for `split` (0 = the model's limit).
+        #[arg(long, default_value_t = 0)]
+        max_tokens: usize,
     },
     /// Encoder-only throughput on a file of sentences (or an STS file's sentences).
     Bench {
@@ -261,7 +276,38 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             init_logs(LogFormat::Human);
             match other {
                 Command::Embed(m) => commands::embed_stdin(&m),
-                Command::Eval { model, data } => commands::eval(&model, &data),
+                Command::Eval {
+                    model,
+                    data,
+                    documents: true,
+                    query_prefix,
+                    docs,
+                    sentences_per_doc,
+                    max_tokens,
+                } => {
+                    let r = commands::eval_documents(
+                        &model,
+                        &data,
+                        &query_prefix,
+                        docs,
+                        sentences_per_doc,
+                        max_tokens,
+                    )?;
+                    println!(
+                        "max_tokens={} documents={} queries={} chunks={} hit@5 split={:.3} truncate={:.3} chance={:.3} mrr@10 split={:.3} truncate={:.3}",
+                        if max_tokens == 0 { "model".to_string() } else { max_tokens.to_string() },
+                        r.documents,
+                        r.queries,
+                        r.chunks,
+                        r.hit5_split,
+                        r.hit5_truncate,
+                        5.0 / r.documents as f64,
+                        r.mrr10_split,
+                        r.mrr10_truncate
+                    );
+                    Ok(())
+                }
+                Command::Eval { model, data, .. } => commands::eval(&model, &data),
                 Command::Bench {
                     model,
                     input,

@@ -143,8 +143,11 @@ impl Metrics {
                 "Documents whose chunks (points) were all written"
             )),
             chunks_per_document: reg!(Histogram::with_opts(
-                HistogramOpts::new(name("chunks_per_document"), "Chunks a written document made")
-                    .buckets(size_buckets())
+                HistogramOpts::new(
+                    name("chunks_per_document"),
+                    "Chunks a written document made"
+                )
+                .buckets(size_buckets())
             )
             .expect("metric")),
             unchanged: reg!(counter(

@@ -275,7 +275,12 @@ pub fn start<S: Sink>(
         }
         .run(items_rx, prepared_tx),
     );
-    let batcher = tokio::spawn(batcher(cfg.clone(), prepared_rx, request_rx, metrics.clone()));
+    let batcher = tokio::spawn(batcher(
+        cfg.clone(),
+        prepared_rx,
+        request_rx,
+        metrics.clone(),
+    ));
     let embedder = tokio::spawn(embedder(encoder, request_tx, emb_tx, metrics.clone()));
     let writer = tokio::spawn(
         Writer {
@@ -1610,7 +1615,10 @@ mod tests {
         wait_for("the long document", || done.0.lock().unwrap().len() == 1).await;
         let chunks = chunks_of(&sink, 7);
         assert_eq!(chunks.len(), 5, "{chunks:?}");
-        assert_eq!(chunks.iter().map(|c| c.1.as_str()).collect::<String>(), long);
+        assert_eq!(
+            chunks.iter().map(|c| c.1.as_str()).collect::<String>(),
+            long
+        );
         for (i, c) in chunks.iter().enumerate() {
             assert_eq!(c.0, i as u64);
         }
@@ -1620,7 +1628,10 @@ mod tests {
             .send(item(1, upsert(7, &"안녕 ".repeat(20))))
             .await
             .unwrap();
-        p.input.send(item(2, upsert(8, "안녕하세요"))).await.unwrap();
+        p.input
+            .send(item(2, upsert(8, "안녕하세요")))
+            .await
+            .unwrap();
         wait_for("the shorter version", || done.0.lock().unwrap().len() == 3).await;
         assert_eq!(chunks_of(&sink, 7).len(), 2);
         p.input
@@ -1638,7 +1649,12 @@ mod tests {
         // Versions racing through one batch: the last wins, whole.
         p.input.send(item(4, upsert(9, &long))).await.unwrap();
         p.input
-            .send(item(5, Op::Delete { id: Uuid::from_u128(9) }))
+            .send(item(
+                5,
+                Op::Delete {
+                    id: Uuid::from_u128(9),
+                },
+            ))
             .await
             .unwrap();
         p.input
@@ -1679,7 +1695,10 @@ mod tests {
         assert_eq!(*sink.writes.lock().unwrap(), writes, "nothing written");
         // A, then B, then A again in a row: the store holds A while B is in flight, so the
         // second A must not be skipped.
-        p.input.send(item(4, upsert(2, "안녕하세요"))).await.unwrap();
+        p.input
+            .send(item(4, upsert(2, "안녕하세요")))
+            .await
+            .unwrap();
         p.input.send(item(5, upsert(2, "안녕"))).await.unwrap();
         drop(p.input);
         p.finished.await.unwrap().unwrap();

@@ -10,13 +10,13 @@ use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer};
 use tokio::sync::watch;
 
+use crate::document::Documents;
 use crate::embed::worker::EncoderHandle;
 use crate::embed::{self, EncoderOptions, LoadedModel};
 use crate::metrics::{self, Metrics};
 use crate::offsets::OffsetTracker;
 use crate::pipeline::{self, PipelineConfig};
 use crate::settings::Settings;
-use crate::document::Documents;
 use crate::sink::{self, AnySink, Sink, SinkError};
 use crate::source::kafka;
 

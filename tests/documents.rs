@@ -19,8 +19,14 @@ const OVERLAP: usize = 16;
 
 fn chunk_env(max_tokens: usize, overlap: usize) -> Vec<(String, String)> {
     vec![
-        ("STREAMBED__CHUNK__MAX_TOKENS".into(), max_tokens.to_string()),
-        ("STREAMBED__CHUNK__OVERLAP_TOKENS".into(), overlap.to_string()),
+        (
+            "STREAMBED__CHUNK__MAX_TOKENS".into(),
+            max_tokens.to_string(),
+        ),
+        (
+            "STREAMBED__CHUNK__OVERLAP_TOKENS".into(),
+            overlap.to_string(),
+        ),
     ]
 }
 
@@ -76,7 +82,9 @@ fn chunks_of<'a>(points: &'a HashMap<String, Hit>, id: &str) -> Vec<&'a Hit> {
 }
 
 fn field(h: &Hit, k: &str) -> usize {
-    h.payload[k].as_u64().unwrap_or_else(|| panic!("{k} in {:?}", h.payload)) as usize
+    h.payload[k]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{k} in {:?}", h.payload)) as usize
 }
 
 /// The chunks of `text` as stored: every index once, each chunk's text the span it
@@ -109,7 +117,10 @@ fn check_chunks(
             assert!(start > field(chunks[i - 1], "chunk_start"));
             if start < prev_end {
                 let shared: String = chars[start..prev_end].iter().collect();
-                assert!(tok.count_plain(&shared) <= overlap, "overlap before chunk {i}");
+                assert!(
+                    tok.count_plain(&shared) <= overlap,
+                    "overlap before chunk {i}"
+                );
                 overlapping += 1;
             }
         }
@@ -120,7 +131,7 @@ fn check_chunks(
 
 enum Store {
     Embedded,
-    Qdrant(QdrantUnderTest, String),
+    Qdrant(Box<QdrantUnderTest>, String),
 }
 
 impl Store {
@@ -163,7 +174,12 @@ fn documents_through(store: impl FnOnce(&Path) -> Store) {
     env.extend(store.env());
     env.extend(chunk_env(MAX_TOKENS, OVERLAP));
     let docs: Vec<(String, String)> = (0..3)
-        .map(|shape| (format!("doc-{shape}"), long_document(20_000, shape, shape * 600)))
+        .map(|shape| {
+            (
+                format!("doc-{shape}"),
+                long_document(20_000, shape, shape * 600),
+            )
+        })
         .collect();
     let msgs: Vec<Msg> = docs.iter().map(|(id, t)| doc_msg(id, t)).collect();
     let ends = s.broker.produce(&s.topic, &msgs);
@@ -175,11 +191,23 @@ fn documents_through(store: impl FnOnce(&Path) -> Store) {
         if shape != 1 {
             // Spaced text overlaps by whole words; unspaced sentences are longer than the
             // overlap and are not repeated.
-            assert!(overlapping * 2 >= chunks.len(), "{id}: {overlapping} overlaps");
+            assert!(
+                overlapping * 2 >= chunks.len(),
+                "{id}: {overlapping} overlaps"
+            );
         }
-        eprintln!("{id}: {} chars, {} chunks", text.chars().count(), chunks.len());
+        eprintln!(
+            "{id}: {} chars, {} chunks",
+            text.chars().count(),
+            chunks.len()
+        );
     }
-    assert_eq!(points.len(), docs.iter().map(|(id, _)| chunks_of(&points, id).len()).sum::<usize>());
+    assert_eq!(
+        points.len(),
+        docs.iter()
+            .map(|(id, _)| chunks_of(&points, id).len())
+            .sum::<usize>()
+    );
 
     // doc-0 again, a quarter as long; doc-1 deleted; doc-2 sent unchanged.
     let shorter: String = docs[0].1.chars().take(5_000).collect();
@@ -196,7 +224,10 @@ fn documents_through(store: impl FnOnce(&Path) -> Store) {
     let chunks = chunks_of(&after, "doc-0");
     check_chunks(&tok, &shorter, &chunks, MAX_TOKENS, OVERLAP);
     assert!(chunks.len() < chunks_of(&points, "doc-0").len());
-    assert!(chunks_of(&after, "doc-1").is_empty(), "the tombstone removes every chunk");
+    assert!(
+        chunks_of(&after, "doc-1").is_empty(),
+        "the tombstone removes every chunk"
+    );
     assert_eq!(
         chunks_of(&after, "doc-2").len(),
         chunks_of(&points, "doc-2").len()
@@ -216,7 +247,7 @@ fn long_documents_through_the_embedded_store() {
 
 #[test]
 fn long_documents_through_qdrant() {
-    documents_through(|dir| Store::Qdrant(QdrantUnderTest::start(dir), unique("docs")));
+    documents_through(|dir| Store::Qdrant(Box::new(QdrantUnderTest::start(dir)), unique("docs")));
 }
 
 /// A worker killed (SIGKILL) while a many-chunk document is half written, with a newer,
@@ -234,11 +265,19 @@ fn a_kill_mid_document_ends_with_exactly_the_last_versions_chunks() {
         .broker
         .produce(&s.topic, &[doc_msg("big", &v1), doc_msg("big", &v2)]);
     let mut w = Worker::spawn(&["run"], &env, &s.dir.path().join("killed.log"));
-    wait_until("part of the first version written", Duration::from_secs(180), || {
-        w.metric_opt("streambed_points_upserted_total")
-            .is_some_and(|n| n >= 40.0)
-    });
-    assert_eq!(w.metric("streambed_documents_written_total"), 0.0, "killed mid-document");
+    wait_until(
+        "part of the first version written",
+        Duration::from_secs(180),
+        || {
+            w.metric_opt("streambed_points_upserted_total")
+                .is_some_and(|n| n >= 40.0)
+        },
+    );
+    assert_eq!(
+        w.metric("streambed_documents_written_total"),
+        0.0,
+        "killed mid-document"
+    );
     w.kill9();
     let partial = read_store(s.dir.path(), DIM);
     assert!(!partial.is_empty());
@@ -247,7 +286,11 @@ fn a_kill_mid_document_ends_with_exactly_the_last_versions_chunks() {
     let tok = TextTokenizer::load(&e5_model(), 512, "passage: ").unwrap();
     let chunks = chunks_of(&points, "big");
     check_chunks(&tok, &v2, &chunks, 64, 0);
-    assert_eq!(points.len(), chunks.len(), "no orphans of the first version");
+    assert_eq!(
+        points.len(),
+        chunks.len(),
+        "no orphans of the first version"
+    );
 }
 
 /// Backfill rerun without its checkpoint and a topic replayed from the start: nothing is
@@ -290,8 +333,14 @@ fn unchanged_documents_are_skipped_on_reruns_and_replays() {
     let (second, t2) = run(2);
     eprintln!("first: {first} ({t1:.1} s)\nsecond: {second} ({t2:.1} s)");
     assert!(first.contains("unchanged=0"), "{first}");
-    assert!(second.contains("unchanged=400") && second.contains("embedded=0"), "{second}");
-    assert!(t1 > 3.0 * t2, "a rerun of unchanged data is several times faster");
+    assert!(
+        second.contains("unchanged=400") && second.contains("embedded=0"),
+        "{second}"
+    );
+    assert!(
+        t1 > 3.0 * t2,
+        "a rerun of unchanged data is several times faster"
+    );
 
     // The same documents through a topic, twice: the second group embeds nothing.
     let s = Scenario::new(2);

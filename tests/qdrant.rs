@@ -459,8 +459,14 @@ async fn document_chunks_are_replaced_and_removed<S: Sink>(sink: &S) {
         first.upserts.push(chunk_point(other, i, 8));
     }
     first.stale = vec![
-        ChunkRange { document: doc, from: 6 },
-        ChunkRange { document: other, from: 6 },
+        ChunkRange {
+            document: doc,
+            from: 6,
+        },
+        ChunkRange {
+            document: other,
+            from: 6,
+        },
     ];
     first.last = vec![chunk_point(doc, 0, 8), chunk_point(other, 0, 8)];
     sink.write(first).await.unwrap();
@@ -468,20 +474,28 @@ async fn document_chunks_are_replaced_and_removed<S: Sink>(sink: &S) {
     // The document again, two chunks long: chunks 2..5 of the old version go.
     sink.write(Write {
         upserts: vec![chunk_point(doc, 1, 8)],
-        stale: vec![ChunkRange { document: doc, from: 2 }],
+        stale: vec![ChunkRange {
+            document: doc,
+            from: 2,
+        }],
         last: vec![chunk_point(doc, 0, 8)],
         ..Default::default()
     })
     .await
     .unwrap();
     assert_eq!(sink.count().await.unwrap(), before + 8);
-    let ids: Vec<Uuid> = (0..6).map(|i| streambed_decode::ids::chunk(doc, i)).collect();
+    let ids: Vec<Uuid> = (0..6)
+        .map(|i| streambed_decode::ids::chunk(doc, i))
+        .collect();
     let left = sink.retrieve(ids, false).await.unwrap();
     assert_eq!(left.len(), 2, "only chunks 0 and 1 remain");
     // A tombstone removes every chunk of the document and nothing else.
     sink.write(Write {
         deletes: vec![doc],
-        stale: vec![ChunkRange { document: doc, from: 0 }],
+        stale: vec![ChunkRange {
+            document: doc,
+            from: 0,
+        }],
         ..Default::default()
     })
     .await

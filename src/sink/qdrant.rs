@@ -119,7 +119,8 @@ impl QdrantSink {
         ] {
             self.client
                 .create_field_index(
-                    CreateFieldIndexCollectionBuilder::new(&self.collection, field, kind).wait(true),
+                    CreateFieldIndexCollectionBuilder::new(&self.collection, field, kind)
+                        .wait(true),
                 )
                 .await
                 .map_err(classify)?;

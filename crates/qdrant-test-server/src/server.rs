@@ -207,7 +207,11 @@ fn filter_json(f: &pb::Filter) -> Result<serde_json::Value, Status> {
         ))
     };
     let mut o = serde_json::Map::new();
-    for (k, cs) in [("must", &f.must), ("should", &f.should), ("must_not", &f.must_not)] {
+    for (k, cs) in [
+        ("must", &f.must),
+        ("should", &f.should),
+        ("must_not", &f.must_not),
+    ] {
         if !cs.is_empty() {
             o.insert(k.into(), list(cs)?);
         }
@@ -780,12 +784,11 @@ impl Points for TestServer {
             .field_name
             .parse()
             .map_err(|_| Status::invalid_argument("bad field name"))?;
-        let op = UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(
-            CreateIndex {
+        let op =
+            UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(CreateIndex {
                 field_name,
                 field_schema: Some(PayloadFieldSchema::FieldType(kind)),
-            },
-        ));
+            }));
         let applied = c.write(vec![op], req.wait.unwrap_or(false)).await?;
         Ok(done(t, applied))
     }
