@@ -276,6 +276,13 @@ pub fn split(text: &str, budget: usize, overlap: usize, c: &impl Counter) -> Vec
     let mut next_unit = |queue: &mut Vec<Unit>| -> Option<Unit> {
         if queue.is_empty() {
             let (range, level) = raw.next()?;
+            // A run far longer than any chunk (10 MB without a space) is cut window by
+            // window, never tokenised whole.
+            if range.len() > budget * CHARS_PER_TOKEN * 4 {
+                split_long(text, range, level, budget, c, queue);
+                queue.reverse();
+                return queue.pop();
+            }
             let n = c.count(&text[range.clone()]);
             if n <= budget {
                 return Some(Unit {
@@ -502,6 +509,33 @@ mod tests {
         for w in no_overlap.windows(2) {
             assert_eq!(w[1].start, w[0].end);
         }
+    }
+
+    #[test]
+    fn a_huge_run_without_spaces_is_cut_in_bounded_windows() {
+        /// Panics when asked to tokenise more than a window's worth at once.
+        struct Bounded;
+        impl Counter for Bounded {
+            fn count(&self, text: &str) -> usize {
+                assert!(
+                    text.len() <= 20 * CHARS_PER_TOKEN * 4,
+                    "tokenised {} bytes",
+                    text.len()
+                );
+                Chars { limit: 0 }.count(text)
+            }
+            fn token_starts(&self, text: &str) -> Option<Vec<usize>> {
+                self.count(text);
+                Chars { limit: 0 }.token_starts(text)
+            }
+            fn fits(&self, text: &str) -> bool {
+                self.count(text) <= 20
+            }
+        }
+        let text = "가".repeat(200_000);
+        let chunks = split(&text, 20, 0, &Bounded);
+        assert_eq!(chunks.len(), 10_000);
+        assert_eq!(chunks.last().unwrap().end, text.len());
     }
 
     #[test]
