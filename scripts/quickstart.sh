@@ -54,11 +54,12 @@ for _ in $(seq 600); do
   sleep 0.5
 done
 curl -s "http://$METRICS/metrics" | grep -E '^streambed_(messages_consumed|points_upserted|messages_dead_lettered)' || true
-kill -TERM "$WORKER"; wait "$WORKER" || true; WORKER=
 
-echo "== search: $QUERY"
-$BIN search "$QUERY" --top-k 5 2>/dev/null | python3 -c '
+echo "== search through the worker's HTTP API: $QUERY"
+BODY=$(python3 -c 'import json, sys; print(json.dumps({"query": sys.argv[1], "top_k": 5}))' "$QUERY")
+echo "curl -s -X POST http://$METRICS/search -H 'Content-Type: application/json' -d '$BODY'"
+curl -s -X POST "http://$METRICS/search" -H 'Content-Type: application/json' -d "$BODY" | python3 -c '
 import json, sys
-for line in sys.stdin:
-    h = json.loads(line)
-    print("%.3f  %s" % (h["score"], h["text"]))'
+for h in json.load(sys.stdin)["hits"]:
+    print("%.3f  %s" % (h["score"], h["payload"]["text"]))'
+kill -TERM "$WORKER"; wait "$WORKER" || true; WORKER=

@@ -12,6 +12,10 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
     echo "tests/prometheus.rs needs Prometheus: sudo apt-get install prometheus" >&2
   fi
 fi
+# tests/api.rs drives the query API with OpenAI's own Python client, from PyPI.
+if ! PYTHONPATH=.tools/openai python3 -c "import openai" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check --target .tools/openai openai==3.57.0
+fi
 cargo build --release --locked --workspace
 STREAMBED_BIN=target/release/streambed scripts/fetch-models.sh
 scripts/fetch-broker.sh >/dev/null

@@ -366,7 +366,7 @@ pub async fn backfill(
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     // A long backfill is watched like the worker: /metrics, /healthz, /readyz.
-    serve_metrics(&s, &metrics, stop_rx.clone()).await?;
+    serve_metrics(&s, &metrics, None, stop_rx.clone()).await?;
     let model = load_model(&s, &metrics, &s.model.prefix).await?;
     let documents = crate::run::documents(&s, &model)?;
     let sink = open_sink(&s, model.info.dim, &mut stop_rx.clone()).await?;

@@ -467,9 +467,9 @@ pub async fn search(
     let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
     let sink = crate::run::open_sink(&s, model.info.dim, &mut stop).await?;
     let hits = if group_by_document {
-        crate::sink::search_documents(sink.as_ref(), vector, top_k).await?
+        crate::sink::search_documents(sink.as_ref(), vector, top_k, None).await?
     } else {
-        sink.search(vector, top_k).await?
+        sink.search(vector, top_k, None).await?
     };
     for hit in hits {
         let document = crate::sink::document_of(&hit);

@@ -1,6 +1,7 @@
 //! streambed: a streaming embedding worker. Kafka in, BERT sentence vectors (candle) out,
 //! into Qdrant, with Prometheus metrics. See README.md for the data flow.
 
+pub mod api;
 pub mod backfill;
 pub mod chunk;
 pub mod commands;

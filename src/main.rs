@@ -47,6 +47,8 @@ impl SettingsArgs {
 enum Command {
     /// The worker: consume Kafka, embed, upsert to the vector store, commit.
     Run(SettingsArgs),
+    /// The query API alone (/embed, /v1/embeddings, /search, /info): model and store, no Kafka.
+    Serve(SettingsArgs),
     /// Embed files (JSONL, CSV, text; .gz too) or a directory into the store; resumable.
     Backfill {
         #[command(flatten)]
@@ -219,6 +221,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(settings = ?s, "starting");
             on_runtime(streambed::run::run(s, shutdown_signal()))
         }
+        Command::Serve(a) => {
+            let s = a.load()?;
+            init_logs(s.log.format);
+            on_runtime(streambed::run::serve(s, shutdown_signal()))
+        }
         Command::Backfill {
             settings,
             input,
@@ -351,6 +358,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     Ok(())
                 }
                 Command::Run(_)
+                | Command::Serve(_)
                 | Command::Backfill { .. }
                 | Command::Search { .. }
                 | Command::Produce { .. } => {

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub chunks_per_document: Histogram,
     /// Documents not embedded again: the store already held the same content.
     pub unchanged: IntCounter,
+    /// Query endpoints: requests by endpoint and status, latency, encoder queue wait.
+    pub http_requests: IntCounterVec,
+    pub query_seconds: HistogramVec,
+    pub query_queue_seconds: Histogram,
     pub dead_lettered: IntCounterVec,
     pub truncated: IntCounter,
     pub batches: IntCounter,
@@ -154,6 +158,31 @@ impl Metrics {
                 "documents_unchanged_total",
                 "Documents skipped because the store already held the same content"
             )),
+            http_requests: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("http_requests_total"),
+                    "Query API requests by endpoint and status"
+                ),
+                &["endpoint", "status"]
+            )
+            .expect("metric")),
+            query_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    name("query_duration_seconds"),
+                    "Query API request latency by endpoint"
+                )
+                .buckets(seconds_buckets()),
+                &["endpoint"]
+            )
+            .expect("metric")),
+            query_queue_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    name("query_queue_seconds"),
+                    "How long queries waited for the encoder"
+                )
+                .buckets(seconds_buckets())
+            )
+            .expect("metric")),
             dead_lettered: reg!(IntCounterVec::new(
                 Opts::new(
                     name("messages_dead_lettered_total"),
@@ -274,6 +303,7 @@ impl Default for Metrics {
 pub async fn serve(
     addr: std::net::SocketAddr,
     metrics: Metrics,
+    extra: Option<axum::Router>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<std::net::SocketAddr> {
     use axum::http::StatusCode;
@@ -303,6 +333,10 @@ pub async fn serve(
                 }
             }),
         );
+    let app = match extra {
+        Some(r) => app.merge(r),
+        None => app,
+    };
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)

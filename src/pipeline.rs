@@ -1189,7 +1189,12 @@ mod tests {
             }
             Ok(())
         }
-        async fn search(&self, _: Vec<f32>, _: usize) -> Result<Vec<Hit>, SinkError> {
+        async fn search(
+            &self,
+            _: Vec<f32>,
+            _: usize,
+            _: Option<crate::sink::MatchFilter>,
+        ) -> Result<Vec<Hit>, SinkError> {
             Ok(vec![])
         }
         async fn retrieve(&self, ids: Vec<Uuid>, _: bool) -> Result<Vec<Hit>, SinkError> {

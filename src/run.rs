@@ -10,6 +10,7 @@ use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer};
 use tokio::sync::watch;
 
+use crate::api::{Api, Serving};
 use crate::document::Documents;
 use crate::embed::worker::EncoderHandle;
 use crate::embed::{self, EncoderOptions, LoadedModel};
@@ -132,6 +133,7 @@ pub fn watch_sink(sink: Arc<AnySink>, metrics: Metrics, mut stop: watch::Receive
 pub async fn serve_metrics(
     s: &Settings,
     metrics: &Metrics,
+    api: Option<&Arc<Api>>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     if s.metrics.addr.is_empty() {
@@ -139,12 +141,91 @@ pub async fn serve_metrics(
     }
     let addr = s.metrics.addr.parse().context("metrics.addr")?;
     let mut stop = stop;
-    let bound = metrics::serve(addr, metrics.clone(), async move {
+    let bound = metrics::serve(addr, metrics.clone(), api.map(|a| a.router()), async move {
         let _ = stop.changed().await;
     })
     .await
     .with_context(|| format!("metrics.addr = {addr:?} could not be bound; choose a free port"))?;
-    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+    if api.is_some() {
+        tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz and the query API (/embed, /v1/embeddings, /search, /info)");
+    } else {
+        tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+    }
+    Ok(())
+}
+
+/// The query API's handle when it is on (`api.enabled` and a `metrics.addr`).
+fn query_api(s: &Settings, metrics: &Metrics) -> Option<Arc<Api>> {
+    (s.api.enabled && !s.metrics.addr.is_empty()).then(|| Api::new(s.api.clone(), metrics.clone()))
+}
+
+/// Opens the query endpoints with the loaded model and the open store.
+fn open_queries(
+    api: Option<&Arc<Api>>,
+    s: &Settings,
+    tokenizer: &embed::TextTokenizer,
+    info: &embed::ModelInfo,
+    encoder: &EncoderHandle,
+    sink: &Arc<AnySink>,
+) {
+    let Some(api) = api else { return };
+    let (store, collection) = match s.sink.kind {
+        crate::settings::SinkKind::Embedded => ("embedded", s.embedded.collection.clone()),
+        crate::settings::SinkKind::Qdrant => ("qdrant", s.qdrant.collection.clone()),
+    };
+    api.set_serving(Serving {
+        encoder: encoder.clone(),
+        tokenizer: tokenizer.clone(),
+        info: info.clone(),
+        prefix: s.model.prefix.clone(),
+        query_prefix: s.model.query_prefix.clone(),
+        sink: sink.clone(),
+        store: store.into(),
+        collection,
+    });
+    tracing::info!("query API ready");
+}
+
+/// `streambed serve`: the query API alone (model and store, no Kafka), until `shutdown`.
+pub async fn serve(s: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !s.metrics.addr.is_empty(),
+        "metrics.addr is empty; `serve` answers on that address (e.g. \"127.0.0.1:9464\")"
+    );
+    anyhow::ensure!(
+        s.api.enabled,
+        "api.enabled is false; `serve` has nothing else to do: set it to true"
+    );
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api = query_api(&s, &metrics);
+    serve_metrics(&s, &metrics, api.as_ref(), stop_rx.clone()).await?;
+    tokio::pin!(shutdown);
+    let model = tokio::select! {
+        m = load_model(&s, &metrics, &s.model.prefix) => m?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let encoder = EncoderHandle::spawn_with_threads(model.encoder, 2, s.model.compute_threads());
+    let sink = {
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            r = open_sink(&s, model.info.dim, &mut stop) => r?,
+            _ = &mut shutdown => return Ok(()),
+        }
+    };
+    metrics.ready.sink_reachable.store(true, Ordering::Relaxed);
+    metrics.ready.source_ready.store(true, Ordering::Relaxed);
+    watch_sink(sink.clone(), metrics.clone(), stop_rx.clone());
+    open_queries(
+        api.as_ref(),
+        &s,
+        &model.tokenizer,
+        &model.info,
+        &encoder,
+        &sink,
+    );
+    shutdown.await;
+    let _ = stop_tx.send(true);
     Ok(())
 }
 
@@ -159,7 +240,8 @@ pub async fn run_with_metrics(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    serve_metrics(&s, &metrics, stop_rx.clone()).await?;
+    let api = query_api(&s, &metrics);
+    serve_metrics(&s, &metrics, api.as_ref(), stop_rx.clone()).await?;
     tokio::pin!(shutdown);
 
     let model = tokio::select! {
@@ -168,6 +250,7 @@ pub async fn run_with_metrics(
     };
     let dim = model.info.dim;
     let documents = documents(&s, &model)?;
+    let (tokenizer, info) = (model.tokenizer.clone(), model.info.clone());
     let encoder = EncoderHandle::spawn_with_threads(model.encoder, 2, s.model.compute_threads());
     let sink = {
         let mut stop = stop_rx.clone();
@@ -178,6 +261,7 @@ pub async fn run_with_metrics(
     };
     metrics.ready.sink_reachable.store(true, Ordering::Relaxed);
     watch_sink(sink.clone(), metrics.clone(), stop_rx.clone());
+    open_queries(api.as_ref(), &s, &tokenizer, &info, &encoder, &sink);
 
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let drain = Duration::from_millis(s.shutdown.deadline_ms);

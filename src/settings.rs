@@ -49,6 +49,7 @@ pub struct Settings {
     pub qdrant: QdrantSettings,
     pub embedded: EmbeddedSettings,
     pub metrics: MetricsSettings,
+    pub api: ApiSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
 }
@@ -174,6 +175,18 @@ pub struct ChunkSettings {
     pub overlap_tokens: usize,
     /// Skip documents whose content hash the store already holds.
     pub skip_unchanged: bool,
+}
+
+/// The query endpoints on the metrics server (see `api`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    pub enabled: bool,
+    /// `Authorization: Bearer` token for the query endpoints; empty: none.
+    pub api_key: Secret,
+    pub max_inputs: usize,
+    pub max_body_bytes: usize,
+    pub max_concurrent: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -382,6 +395,18 @@ impl Settings {
             return Err(invalid(
                 "message.max_message_bytes",
                 "must be positive (e.g. 1048576)",
+            ));
+        }
+        if self.api.max_inputs == 0 || self.api.max_concurrent == 0 {
+            return Err(invalid(
+                "api.max_inputs",
+                "api.max_inputs and api.max_concurrent must be at least 1 (e.g. 256 and 64)",
+            ));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(invalid(
+                "api.max_body_bytes",
+                "must be at least 1024 (2097152 is a good value)",
             ));
         }
         if self.chunk.max_tokens != 0 && self.chunk.max_tokens < 16 {

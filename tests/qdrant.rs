@@ -80,7 +80,7 @@ async fn qdrant_sink_round_trip_over_grpc() {
     .unwrap();
     assert_eq!(sink.count().await.unwrap(), 3);
 
-    let hits = sink.search(unit(8, 1), 2).await.unwrap();
+    let hits = sink.search(unit(8, 1), 2, None).await.unwrap();
     assert_eq!(hits[0].id, ids[1].to_string());
     assert!((hits[0].score - 1.0).abs() < 1e-5);
     assert_eq!(hits[0].payload["text"], "문장 1 😀");

@@ -102,6 +102,16 @@ impl TextTokenizer {
         &self.prefix
     }
 
+    /// The same tokenizer with another prefix (cheap: the tokenizer is shared).
+    pub fn with_prefix(&self, prefix: &str) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            counting: self.counting.clone(),
+            prefix: prefix.to_string(),
+            max_seq_length: self.max_seq_length,
+        }
+    }
+
     /// Tokens of `text` alone (NFC, no prefix, no special tokens, no truncation). A text
     /// the tokenizer cannot read counts as 0 here; tokenising it fails later, per item.
     pub fn count_plain(&self, text: &str) -> usize {

@@ -1,10 +1,17 @@
-//! The encoder's own OS thread. Async code sends token batches through a bounded channel
-//! and awaits a oneshot reply, so model inference never blocks a runtime worker, and a
-//! slow model fills the channel, which pauses the stages before it.
+//! The encoder's own OS thread. Async code hands it token batches and awaits a oneshot
+//! reply, so model inference never blocks a runtime worker.
+//!
+//! Two lanes: ingestion batches wait in a bounded queue (a slow model fills it, which
+//! pauses the stages before it), queries in a priority lane. The thread runs an ingestion
+//! batch in slices of `slice` inputs and, between slices and before the next batch, runs
+//! every waiting query together in one small forward pass; so a query waits for at most
+//! one slice, never behind a full ingestion batch or a backlog.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Semaphore};
 
 use super::{EmbedError, Encoder};
 
@@ -14,14 +21,44 @@ type Reply = Result<(Vec<Vec<f32>>, Duration), EmbedError>;
 struct Job {
     seqs: Vec<Vec<u32>>,
     reply: oneshot::Sender<Reply>,
+    queued: Instant,
+}
+
+#[derive(Default)]
+struct Lanes {
+    queries: VecDeque<Job>,
+    batches: VecDeque<Job>,
+    closed: bool,
+}
+
+struct Shared {
+    lanes: Mutex<Lanes>,
+    wake: Condvar,
+    /// Free places in the ingestion lane.
+    batch_slots: Semaphore,
+}
+
+/// Closes the lanes when the last handle is dropped, which ends the thread.
+struct Closer(Arc<Shared>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.lanes.lock().expect("lanes").closed = true;
+        self.0.wake.notify_all();
+    }
 }
 
 /// Cheap to clone; the thread ends when every handle is dropped.
 #[derive(Clone)]
 pub struct EncoderHandle {
-    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    _closer: Arc<Closer>,
     dim: usize,
 }
+
+/// Inputs per slice of an ingestion batch between two looks at the query lane: the
+/// pipeline's default batch (`batch.max_items`), so default batches run whole, as before.
+const SLICE: usize = 64;
 
 impl EncoderHandle {
     /// Starts the thread, with the model's parallel work on the process-wide thread pool.
@@ -42,17 +79,14 @@ impl EncoderHandle {
     }
 
     fn start<E: Encoder>(encoder: E, queue: usize, pool: Option<rayon::ThreadPool>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Job>(queue.max(1));
+        let shared = Arc::new(Shared {
+            lanes: Mutex::new(Lanes::default()),
+            wake: Condvar::new(),
+            batch_slots: Semaphore::new(queue.max(1)),
+        });
         let dim = encoder.dim();
-        let mut serve = move || {
-            while let Some(job) = rx.blocking_recv() {
-                let started = Instant::now();
-                let refs: Vec<&[u32]> = job.seqs.iter().map(Vec::as_slice).collect();
-                let result = encoder.embed(&refs).map(|v| (v, started.elapsed()));
-                // The requester may have gone away (shutdown); nothing to do then.
-                let _ = job.reply.send(result);
-            }
-        };
+        let thread_shared = shared.clone();
+        let serve = move || serve(&encoder, &thread_shared);
         std::thread::Builder::new()
             .name("streambed-encoder".into())
             .spawn(move || match pool {
@@ -60,21 +94,138 @@ impl EncoderHandle {
                 None => serve(),
             })
             .expect("spawn encoder thread");
-        Self { tx, dim }
+        Self {
+            _closer: Arc::new(Closer(shared.clone())),
+            shared,
+            dim,
+        }
     }
 
     pub fn dim(&self) -> usize {
         self.dim
     }
 
-    /// Embeds one batch; returns the vectors in input order and the time the model took.
+    /// Embeds one ingestion batch; returns the vectors in input order and the time the
+    /// model took. Waits while the ingestion lane is full.
     pub async fn embed(&self, seqs: Vec<Vec<u32>>) -> Reply {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job { seqs, reply })
+        let permit = self
+            .shared
+            .batch_slots
+            .acquire()
             .await
             .map_err(|_| EmbedError::Stopped)?;
+        // The thread gives the place back when it takes the batch.
+        permit.forget();
+        self.push(seqs, false).await
+    }
+
+    /// Embeds queries ahead of any ingestion batch. Returns the vectors and the time the
+    /// request waited before the model took it up (queue wait).
+    pub async fn embed_query(&self, seqs: Vec<Vec<u32>>) -> Reply {
+        self.push(seqs, true).await
+    }
+
+    async fn push(&self, seqs: Vec<Vec<u32>>, query: bool) -> Reply {
+        let (reply, rx) = oneshot::channel();
+        {
+            let mut lanes = self.shared.lanes.lock().expect("lanes");
+            if lanes.closed {
+                return Err(EmbedError::Stopped);
+            }
+            let job = Job {
+                seqs,
+                reply,
+                queued: Instant::now(),
+            };
+            if query {
+                lanes.queries.push_back(job);
+            } else {
+                lanes.batches.push_back(job);
+            }
+        }
+        self.shared.wake.notify_one();
         rx.await.map_err(|_| EmbedError::Stopped)?
+    }
+}
+
+/// The thread's loop: queries first, ingestion batches in slices.
+fn serve<E: Encoder>(encoder: &E, shared: &Shared) {
+    loop {
+        let job = {
+            let mut lanes = shared.lanes.lock().expect("lanes");
+            loop {
+                if !lanes.queries.is_empty() {
+                    break None;
+                }
+                if let Some(j) = lanes.batches.pop_front() {
+                    break Some(j);
+                }
+                if lanes.closed {
+                    return;
+                }
+                lanes = shared.wake.wait(lanes).expect("lanes");
+            }
+        };
+        let Some(job) = job else {
+            run_queries(encoder, shared);
+            continue;
+        };
+        shared.batch_slots.add_permits(1);
+        let started = Instant::now();
+        let mut vectors = Vec::with_capacity(job.seqs.len());
+        let mut failed = None;
+        for slice in job.seqs.chunks(SLICE) {
+            let refs: Vec<&[u32]> = slice.iter().map(Vec::as_slice).collect();
+            match encoder.embed(&refs) {
+                Ok(v) => vectors.extend(v),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            run_queries(encoder, shared);
+        }
+        // The time the model spent on this batch, not on the queries between its slices.
+        let result = match failed {
+            Some(e) => Err(e),
+            None => Ok((vectors, started.elapsed())),
+        };
+        // The requester may have gone away (shutdown); nothing to do then.
+        let _ = job.reply.send(result);
+    }
+}
+
+/// Runs every waiting query in one forward pass and answers each.
+fn run_queries<E: Encoder>(encoder: &E, shared: &Shared) {
+    let jobs: Vec<Job> = shared
+        .lanes
+        .lock()
+        .expect("lanes")
+        .queries
+        .drain(..)
+        .collect();
+    if jobs.is_empty() {
+        return;
+    }
+    let refs: Vec<&[u32]> = jobs
+        .iter()
+        .flat_map(|j| j.seqs.iter().map(Vec::as_slice))
+        .collect();
+    let started = Instant::now();
+    match encoder.embed(&refs) {
+        Ok(all) => {
+            let mut all = all.into_iter();
+            for j in jobs {
+                let mine: Vec<Vec<f32>> = all.by_ref().take(j.seqs.len()).collect();
+                let _ = j.reply.send(Ok((mine, started - j.queued)));
+            }
+        }
+        Err(e) => {
+            let text = e.to_string();
+            for j in jobs {
+                let _ = j.reply.send(Err(EmbedError::Resolve(text.clone())));
+            }
+        }
     }
 }
 
@@ -98,5 +249,44 @@ mod tests {
         let (v, _) = h.embed(vec![vec![1, 2, 3], vec![1]]).await.unwrap();
         assert_eq!(v, vec![vec![3.0], vec![1.0]]);
         assert_eq!(h.dim(), 1);
+        let (q, _) = h.embed_query(vec![vec![1, 2]]).await.unwrap();
+        assert_eq!(q, vec![vec![2.0]]);
+    }
+
+    /// 10 ms per input: a 320-input batch takes 3.2 s; a query sent while it runs must
+    /// be answered within about one 64-input slice (0.64 s).
+    struct SlowEncoder;
+    impl Encoder for SlowEncoder {
+        fn dim(&self) -> usize {
+            1
+        }
+        fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+            std::thread::sleep(Duration::from_millis(10 * batch.len() as u64));
+            Ok(batch.iter().map(|s| vec![s.len() as f32]).collect())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queries_overtake_ingestion_batches() {
+        let h = EncoderHandle::spawn(SlowEncoder, 2);
+        let ingest = {
+            let h = h.clone();
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    let (v, _) = h.embed(vec![vec![1]; 320]).await.unwrap();
+                    assert_eq!(v.len(), 320);
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        let (v, _) = h.embed_query(vec![vec![1, 2, 3]]).await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(v, vec![vec![3.0]]);
+        assert!(
+            waited < Duration::from_millis(1500),
+            "query waited {waited:?}"
+        );
+        ingest.await.unwrap();
     }
 }

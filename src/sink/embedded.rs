@@ -16,7 +16,7 @@ use qdrant_edge::{
 };
 use uuid::Uuid;
 
-use super::{fields, ChunkRange, Hit, Point, Sink, SinkError, Write};
+use super::{fields, ChunkRange, Hit, MatchFilter, Point, Sink, SinkError, Write};
 
 pub struct EmbeddedSink {
     path: PathBuf,
@@ -75,6 +75,18 @@ pub fn chunks_filter(ranges: &[ChunkRange]) -> Filter {
         .collect();
     serde_json::from_value(serde_json::json!({ "should": should }))
         .expect("the chunk filter is a valid Qdrant filter")
+}
+
+/// The engine's filter for "every field equal to its value".
+pub fn match_filter(f: &MatchFilter) -> Result<Filter, SinkError> {
+    let must: Vec<serde_json::Value> = f
+        .iter()
+        .map(|(k, v)| serde_json::json!({"key": k, "match": {"value": v}}))
+        .collect();
+    serde_json::from_value(serde_json::json!({ "must": must })).map_err(|e| SinkError::Rejected {
+        reason: super::REJECTED,
+        detail: format!("bad filter: {e}"),
+    })
 }
 
 /// The engine's upsert of `points`.
@@ -187,6 +199,34 @@ impl EmbeddedSink {
         self.apply(ops).await
     }
 
+    /// Nearest points meeting `filter`, with payload. Takes no lock of ours: a search never
+    /// waits for a write (the engine's own locks order them).
+    pub async fn search_filtered(
+        &self,
+        vector: Vec<f32>,
+        top_k: usize,
+        filter: Option<Filter>,
+    ) -> Result<Vec<Hit>, SinkError> {
+        self.blocking(move |shard| {
+            let req = SearchRequest {
+                query: QueryEnum::Nearest(qdrant_edge::NamedQuery::default_dense(vector)),
+                filter,
+                params: None,
+                limit: top_k,
+                offset: 0,
+                with_payload: Some(WithPayloadInterface::Bool(true)),
+                with_vector: None,
+                score_threshold: None,
+            };
+            let found = shard.search(req).map_err(classify)?;
+            Ok(found
+                .into_iter()
+                .map(|p| to_hit(p.id, p.score, p.payload, None))
+                .collect())
+        })
+        .await
+    }
+
     /// Every point with payload and vector, page by page (for tests and exports).
     pub async fn scroll_all(&self) -> Result<Vec<Hit>, SinkError> {
         self.blocking(|shard| {
@@ -274,25 +314,14 @@ impl Sink for EmbeddedSink {
         self.apply(ops).await
     }
 
-    async fn search(&self, vector: Vec<f32>, top_k: usize) -> Result<Vec<Hit>, SinkError> {
-        self.blocking(move |shard| {
-            let req = SearchRequest {
-                query: QueryEnum::Nearest(qdrant_edge::NamedQuery::default_dense(vector)),
-                filter: None,
-                params: None,
-                limit: top_k,
-                offset: 0,
-                with_payload: Some(WithPayloadInterface::Bool(true)),
-                with_vector: None,
-                score_threshold: None,
-            };
-            let found = shard.search(req).map_err(classify)?;
-            Ok(found
-                .into_iter()
-                .map(|p| to_hit(p.id, p.score, p.payload, None))
-                .collect())
-        })
-        .await
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        top_k: usize,
+        filter: Option<MatchFilter>,
+    ) -> Result<Vec<Hit>, SinkError> {
+        let filter = filter.as_ref().map(match_filter).transpose()?;
+        self.search_filtered(vector, top_k, filter).await
     }
 
     async fn retrieve(&self, ids: Vec<Uuid>, with_vectors: bool) -> Result<Vec<Hit>, SinkError> {

@@ -60,6 +60,10 @@ impl Write {
     }
 }
 
+/// Payload conditions a search must meet: each field equal to its value (a string, an
+/// integer or a boolean), all of them.
+pub type MatchFilter = Vec<(String, Value)>;
+
 /// A search result or a retrieved point.
 #[derive(Debug, Clone)]
 pub struct Hit {
@@ -106,6 +110,7 @@ pub trait Sink: Send + Sync + 'static {
         &self,
         vector: Vec<f32>,
         top_k: usize,
+        filter: Option<MatchFilter>,
     ) -> impl Future<Output = Result<Vec<Hit>, SinkError>> + Send;
     /// The points of `ids` that exist, with payload (and vector when asked).
     fn retrieve(
@@ -141,8 +146,13 @@ impl Sink for AnySink {
     async fn write(&self, w: Write) -> Result<(), SinkError> {
         dispatch!(self, s => s.write(w).await)
     }
-    async fn search(&self, vector: Vec<f32>, top_k: usize) -> Result<Vec<Hit>, SinkError> {
-        dispatch!(self, s => s.search(vector, top_k).await)
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        top_k: usize,
+        filter: Option<MatchFilter>,
+    ) -> Result<Vec<Hit>, SinkError> {
+        dispatch!(self, s => s.search(vector, top_k, filter).await)
     }
     async fn retrieve(&self, ids: Vec<Uuid>, with_vectors: bool) -> Result<Vec<Hit>, SinkError> {
         dispatch!(self, s => s.retrieve(ids, with_vectors).await)
@@ -171,13 +181,14 @@ pub async fn search_documents<S: Sink>(
     sink: &S,
     vector: Vec<f32>,
     top_k: usize,
+    filter: Option<MatchFilter>,
 ) -> Result<Vec<Hit>, SinkError> {
     /// Beyond this many chunks, the documents found are returned (a search that deep
     /// means a few documents of very many chunks fill the top).
     const DEEPEST: usize = 16_384;
     let mut limit = (top_k * 4).max(16);
     loop {
-        let hits = sink.search(vector.clone(), limit).await?;
+        let hits = sink.search(vector.clone(), limit, filter.clone()).await?;
         let exhausted = hits.len() < limit;
         let mut seen = std::collections::HashSet::new();
         let mut best = Vec::with_capacity(top_k);

@@ -15,7 +15,7 @@ use qdrant_client::qdrant::{
 use qdrant_client::{Qdrant, QdrantError};
 use uuid::Uuid;
 
-use super::{fields, ChunkRange, Hit, Point, Sink, SinkError, Write};
+use super::{fields, ChunkRange, Hit, MatchFilter, Point, Sink, SinkError, Write};
 use crate::settings::QdrantSettings;
 
 pub struct QdrantSink {
@@ -45,6 +45,25 @@ pub fn chunks_filter(ranges: &[ChunkRange]) -> Filter {
             .into()
         }
     }))
+}
+
+/// Every field equal to its value.
+pub fn match_filter(f: &MatchFilter) -> Result<Filter, SinkError> {
+    let conds = f
+        .iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok(Condition::matches(k.clone(), s.clone())),
+            serde_json::Value::Bool(b) => Ok(Condition::matches(k.clone(), *b)),
+            serde_json::Value::Number(n) if n.is_i64() => {
+                Ok(Condition::matches(k.clone(), n.as_i64().expect("checked")))
+            }
+            other => Err(SinkError::Rejected {
+                reason: super::REJECTED,
+                detail: format!("filter on {k}: {other} is not a string, integer or boolean"),
+            }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Filter::must(conds))
 }
 
 /// Room left in a request for everything but the points (collection name, flags).
@@ -276,14 +295,18 @@ impl Sink for QdrantSink {
         self.upsert(w.last).await
     }
 
-    async fn search(&self, vector: Vec<f32>, top_k: usize) -> Result<Vec<Hit>, SinkError> {
-        let res = self
-            .client
-            .search_points(
-                SearchPointsBuilder::new(&self.collection, vector, top_k as u64).with_payload(true),
-            )
-            .await
-            .map_err(classify)?;
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        top_k: usize,
+        filter: Option<MatchFilter>,
+    ) -> Result<Vec<Hit>, SinkError> {
+        let mut req =
+            SearchPointsBuilder::new(&self.collection, vector, top_k as u64).with_payload(true);
+        if let Some(f) = filter {
+            req = req.filter(match_filter(&f)?);
+        }
+        let res = self.client.search_points(req).await.map_err(classify)?;
         Ok(res
             .result
             .into_iter()

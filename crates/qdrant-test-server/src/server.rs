@@ -678,15 +678,16 @@ impl Points for TestServer {
         let t = Instant::now();
         let req = r.into_inner();
         let c = self.must(&req.collection_name).await?;
-        if req.filter.is_some() || req.vector_name.is_some() {
-            return Err(unsupported("filters and named vectors"));
+        if req.vector_name.is_some() {
+            return Err(unsupported("named vectors"));
         }
         if req.vector.len() != c.dim {
             return Err(wrong_dim(c.dim, req.vector.len()));
         }
+        let filter = req.filter.as_ref().map(edge_filter).transpose()?;
         let hits = c
             .sink
-            .search(req.vector, req.limit as usize)
+            .search_filtered(req.vector, req.limit as usize, filter)
             .await
             .map_err(status)?;
         let result = hits
