@@ -147,11 +147,8 @@ impl Metrics {
                 "Documents whose chunks (points) were all written"
             )),
             chunks_per_document: reg!(Histogram::with_opts(
-                HistogramOpts::new(
-                    name("chunks_per_document"),
-                    "Chunks a written document made"
-                )
-                .buckets(size_buckets())
+                HistogramOpts::new(name("document_chunks"), "Chunks a written document made")
+                    .buckets(size_buckets())
             )
             .expect("metric")),
             unchanged: reg!(counter(

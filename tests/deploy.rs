@@ -13,6 +13,8 @@ fn exported() -> HashSet<String> {
     m.consumer_lag.with_label_values(&["t", "0"]).set(1);
     m.committed_offset.with_label_values(&["t", "0"]).set(1);
     m.sink_errors.with_label_values(&["rejected"]).inc();
+    m.http_requests.with_label_values(&["embed", "200"]).inc();
+    m.query_seconds.with_label_values(&["embed"]).observe(0.01);
     m.model_info
         .with_label_values(&["m", "384", "cpu", "f32"])
         .set(1.0);
@@ -106,6 +108,7 @@ fn names_follow_prometheus_conventions() {
             "_size",
             "_tokens",
             "_offset",
+            "_chunks",
         ]
         .iter()
         .any(|u| {
