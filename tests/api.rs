@@ -289,7 +289,10 @@ print(json.dumps({{"float": [d.embedding for d in f.data], "base64": [d.embeddin
         "one hit per document"
     );
     let long = streambed::ids::from_entity(b"long").to_string();
-    assert!(docs.contains(&long.as_str()), "the document holding the sentence is found: {grouped}");
+    assert!(
+        docs.contains(&long.as_str()),
+        "the document holding the sentence is found: {grouped}"
+    );
     let (status, info) = {
         let (s, _, b) = request(&addr, "GET", "/info", Some(KEY), b"");
         (s, serde_json::from_str::<Value>(&b).unwrap())

@@ -56,9 +56,14 @@ pub struct EncoderHandle {
     dim: usize,
 }
 
-/// Inputs per slice of an ingestion batch between two looks at the query lane: the
-/// pipeline's default batch (`batch.max_items`), so default batches run whole, as before.
+/// Inputs per slice of an ingestion batch between two looks at the query lane: while no
+/// query came lately, the pipeline's default batch (`batch.max_items`), so batches run
+/// whole, as before; once queries flow, small slices, so a query waits for at most a few
+/// inputs' worth of model time (measured: docs/PERFORMANCE.md).
 const SLICE: usize = 64;
+const SLICE_WITH_QUERIES: usize = 8;
+/// How long after a query the small slices are kept.
+const QUERIES_LATELY: Duration = Duration::from_secs(2);
 
 impl EncoderHandle {
     /// Starts the thread, with the model's parallel work on the process-wide thread pool.
@@ -150,6 +155,7 @@ impl EncoderHandle {
 
 /// The thread's loop: queries first, ingestion batches in slices.
 fn serve<E: Encoder>(encoder: &E, shared: &Shared) {
+    let mut last_query: Option<Instant> = None;
     loop {
         let job = {
             let mut lanes = shared.lanes.lock().expect("lanes");
@@ -167,15 +173,25 @@ fn serve<E: Encoder>(encoder: &E, shared: &Shared) {
             }
         };
         let Some(job) = job else {
-            run_queries(encoder, shared);
+            if run_queries(encoder, shared) {
+                last_query = Some(Instant::now());
+            }
             continue;
         };
         shared.batch_slots.add_permits(1);
         let started = Instant::now();
         let mut vectors = Vec::with_capacity(job.seqs.len());
         let mut failed = None;
-        for slice in job.seqs.chunks(SLICE) {
-            let refs: Vec<&[u32]> = slice.iter().map(Vec::as_slice).collect();
+        let mut at = 0;
+        while at < job.seqs.len() {
+            let size = if last_query.is_some_and(|t| t.elapsed() < QUERIES_LATELY) {
+                SLICE_WITH_QUERIES
+            } else {
+                SLICE
+            };
+            let end = (at + size).min(job.seqs.len());
+            let refs: Vec<&[u32]> = job.seqs[at..end].iter().map(Vec::as_slice).collect();
+            at = end;
             match encoder.embed(&refs) {
                 Ok(v) => vectors.extend(v),
                 Err(e) => {
@@ -183,7 +199,9 @@ fn serve<E: Encoder>(encoder: &E, shared: &Shared) {
                     break;
                 }
             }
-            run_queries(encoder, shared);
+            if run_queries(encoder, shared) {
+                last_query = Some(Instant::now());
+            }
         }
         // The time the model spent on this batch, not on the queries between its slices.
         let result = match failed {
@@ -195,8 +213,8 @@ fn serve<E: Encoder>(encoder: &E, shared: &Shared) {
     }
 }
 
-/// Runs every waiting query in one forward pass and answers each.
-fn run_queries<E: Encoder>(encoder: &E, shared: &Shared) {
+/// Runs every waiting query in one forward pass and answers each; false when none waited.
+fn run_queries<E: Encoder>(encoder: &E, shared: &Shared) -> bool {
     let jobs: Vec<Job> = shared
         .lanes
         .lock()
@@ -205,7 +223,7 @@ fn run_queries<E: Encoder>(encoder: &E, shared: &Shared) {
         .drain(..)
         .collect();
     if jobs.is_empty() {
-        return;
+        return false;
     }
     let refs: Vec<&[u32]> = jobs
         .iter()
@@ -227,6 +245,7 @@ fn run_queries<E: Encoder>(encoder: &E, shared: &Shared) {
             }
         }
     }
+    true
 }
 
 #[cfg(test)]
