@@ -253,11 +253,12 @@ fn long_documents_through_qdrant() {
 /// A worker killed (SIGKILL) while a many-chunk document is half written, with a newer,
 /// shorter version of it behind in the topic: after a restart the store holds exactly
 /// the newer version's chunks.
-#[test]
-fn a_kill_mid_document_ends_with_exactly_the_last_versions_chunks() {
+fn kill_mid_document(store: impl FnOnce(&Path) -> Store) {
     let _g = heavy();
     let s = Scenario::new(1);
+    let store = store(s.dir.path());
     let mut env = worker_env(&s.broker, &s.topic, &s.group, s.dir.path());
+    env.extend(store.env());
     env.extend(chunk_env(64, 0));
     let v1 = long_document(30_000, 0, 0);
     let v2 = long_document(3_000, 2, 900);
@@ -279,10 +280,10 @@ fn a_kill_mid_document_ends_with_exactly_the_last_versions_chunks() {
         "killed mid-document"
     );
     w.kill9();
-    let partial = read_store(s.dir.path(), DIM);
+    let partial = store.read(s.dir.path());
     assert!(!partial.is_empty());
     run_until_committed(&s, &env, &ends, "restarted.log");
-    let points = read_store(s.dir.path(), DIM);
+    let points = store.read(s.dir.path());
     let tok = TextTokenizer::load(&e5_model(), 512, "passage: ").unwrap();
     let chunks = chunks_of(&points, "big");
     check_chunks(&tok, &v2, &chunks, 64, 0);
@@ -291,6 +292,16 @@ fn a_kill_mid_document_ends_with_exactly_the_last_versions_chunks() {
         chunks.len(),
         "no orphans of the first version"
     );
+}
+
+#[test]
+fn a_kill_mid_document_ends_with_exactly_the_last_versions_chunks() {
+    kill_mid_document(|_| Store::Embedded);
+}
+
+#[test]
+fn a_kill_mid_document_ends_with_exactly_the_last_versions_chunks_in_qdrant() {
+    kill_mid_document(|dir| Store::Qdrant(Box::new(QdrantUnderTest::start(dir)), unique("kill")));
 }
 
 /// Backfill rerun without its checkpoint and a topic replayed from the start: nothing is

@@ -175,8 +175,9 @@ fn a_backfill_whose_last_batches_outlast_the_shutdown_deadline_completes() {
     let _g = heavy();
     let dir = tempfile::tempdir().unwrap();
     let sentences = korean_sentences(3000);
-    // 100 documents of ~1,300 tokens (truncated to 512 for the model): all fit the
-    // pipeline's queues at once, so reading ends long before the model does.
+    // 100 documents of ~1,300 tokens (truncated to 512 for the model: one point each,
+    // as the test was written; split mode would triple the work): all fit the pipeline's
+    // queues at once, so reading ends long before the model does.
     let mut lines = String::new();
     for d in 0..100 {
         let text: String = sentences[d * 25..d * 25 + 25].join(" ");
@@ -187,6 +188,7 @@ fn a_backfill_whose_last_batches_outlast_the_shutdown_deadline_completes() {
     std::fs::write(&input, lines).unwrap();
     let mut env = backfill_env(dir.path(), "store");
     env.push(("STREAMBED__SHUTDOWN__DEADLINE_MS".into(), "500".into()));
+    env.push(("STREAMBED__CHUNK__MODE".into(), "truncate".into()));
     let started = Instant::now();
     let mut w = Worker::spawn(
         &["backfill", "--input", input.to_str().unwrap()],
