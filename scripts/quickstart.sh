@@ -56,7 +56,7 @@ done
 curl -s "http://$METRICS/metrics" | grep -E '^streambed_(messages_consumed|points_upserted|messages_dead_lettered)' || true
 
 echo "== search through the worker's HTTP API: $QUERY"
-BODY=$(python3 -c 'import json, sys; print(json.dumps({"query": sys.argv[1], "top_k": 5}))' "$QUERY")
+BODY=$(python3 -c 'import json, sys; print(json.dumps({"query": sys.argv[1], "top_k": 5}, ensure_ascii=False))' "$QUERY")
 echo "curl -s -X POST http://$METRICS/search -H 'Content-Type: application/json' -d '$BODY'"
 curl -s -X POST "http://$METRICS/search" -H 'Content-Type: application/json' -d "$BODY" | python3 -c '
 import json, sys
