@@ -107,6 +107,8 @@ fn prometheus_scrapes_the_worker_and_every_rule_and_panel_evaluates() {
     let env = worker_env(&broker, &topic, &group, dir.path());
     let mut w = Worker::spawn(&["run"], &env, &dir.path().join("worker.log"));
     broker.wait_committed(&group, &topic, &ends, Duration::from_secs(180));
+    // One query-API request, so the API panels have their series.
+    assert_eq!(w.http("/info").map(|r| r.0), Some(200));
 
     let web = format!("127.0.0.1:{}", free_port());
     let config = prometheus_config(dir.path(), &w.metrics_addr);
