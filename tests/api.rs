@@ -398,11 +398,10 @@ print(json.dumps({{"float": [d.embedding for d in f.data], "base64": [d.embeddin
     assert!(!w.log_text().contains(KEY), "the API key is never logged");
 }
 
-/// Queries while the same process ingests into the embedded store: every one answered,
-/// no panic (qdrant-edge's flush would panic on lock contention if searches took part in
-/// the write lock's work), the stream finishes.
-#[test]
-fn queries_are_answered_while_the_worker_ingests() {
+/// Queries while the same process ingests, into either store: every one answered, no
+/// panic (qdrant-edge's flush would panic on lock contention if searches took part in the
+/// write lock's work), the stream finishes.
+fn queries_while_ingesting(qdrant: bool) {
     let _g = heavy();
     let Scenario {
         broker,
@@ -410,9 +409,13 @@ fn queries_are_answered_while_the_worker_ingests() {
         group,
         dir,
     } = Scenario::new(2);
+    let q = qdrant.then(|| QdrantUnderTest::start(dir.path()));
     let msgs = korean_json_messages(1500, "q");
     let ends = broker.produce(&topic, &msgs);
-    let env = worker_env(&broker, &topic, &group, dir.path());
+    let mut env = worker_env(&broker, &topic, &group, dir.path());
+    if let Some(q) = &q {
+        env.extend(q.worker_env(&unique("api")));
+    }
     let w = Worker::spawn(&["run"], &env, &dir.path().join("worker.log"));
     wait_until("the query API", Duration::from_secs(120), || {
         w.http("/info").is_some_and(|r| r.0 == 200)
@@ -436,7 +439,17 @@ fn queries_are_answered_while_the_worker_ingests() {
         answered += 1;
     }
     broker.wait_committed(&group, &topic, &ends, Duration::from_secs(300));
-    eprintln!("{answered} search+embed pairs answered during ingestion, slowest pair {longest:?}");
+    eprintln!("{answered} search+embed pairs answered during ingestion (qdrant: {qdrant}), slowest pair {longest:?}");
     assert!(answered >= 5);
     assert!(!w.log_text().contains("panicked"));
+}
+
+#[test]
+fn queries_are_answered_while_the_worker_ingests() {
+    queries_while_ingesting(false);
+}
+
+#[test]
+fn queries_are_answered_while_the_worker_ingests_into_qdrant() {
+    queries_while_ingesting(true);
 }
