@@ -149,36 +149,57 @@ fn settings_with(
     Settings::load_from(None, env).expect("bench settings")
 }
 
-/// Sustained sent/s of a worker with settings `s` over a backlog of `n` messages, from
-/// the first consumed message to the last confirmed upsert.
-fn sustained(s: Settings, n: usize) -> f64 {
-    let metrics = Metrics::new();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = rt.spawn(streambed::run::run_with_metrics(
-        s,
-        metrics.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    let mut first = None;
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    while metrics.upserted.get() < n as u64 {
-        if first.is_none() && metrics.consumed.get() > 0 {
-            first = Some(Instant::now());
+/// A worker running in this process, its counters watched directly.
+struct InProcess {
+    metrics: Metrics,
+    rt: tokio::runtime::Runtime,
+    stop: tokio::sync::oneshot::Sender<()>,
+    worker: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    fn start(s: Settings) -> Self {
+        let metrics = Metrics::new();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let worker = rt.spawn(streambed::run::run_with_metrics(
+            s,
+            metrics.clone(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        Self {
+            metrics,
+            rt,
+            stop,
+            worker,
         }
-        assert!(Instant::now() < deadline, "pipeline did not finish");
-        std::thread::sleep(Duration::from_millis(2));
     }
-    let r = n as f64 / first.unwrap().elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    rt.block_on(worker).unwrap().unwrap();
-    r
+
+    /// Sustained sent/s over a backlog of `n` messages, from the first consumed message
+    /// to the last confirmed upsert.
+    fn sustained(&self, n: usize) -> f64 {
+        let mut first = None;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        while self.metrics.upserted.get() < n as u64 {
+            if first.is_none() && self.metrics.consumed.get() > 0 {
+                first = Some(Instant::now());
+            }
+            assert!(Instant::now() < deadline, "pipeline did not finish");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        n as f64 / first.unwrap().elapsed().as_secs_f64()
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        self.rt.block_on(self.worker).unwrap().unwrap();
+    }
 }
 
 fn main() {
@@ -240,7 +261,9 @@ fn main() {
                 broker.produce(&topic, &msgs);
                 let store = tempfile::tempdir().unwrap();
                 let s = settings_with(&broker, &topic, store.path(), &model, extra);
-                let r = sustained(s, n);
+                let w = InProcess::start(s);
+                let r = w.sustained(n);
+                w.stop();
                 println!("chunking round={round} mode={label} sustained_sent_per_s={r:.1}");
                 figures[k].push(r);
             }
@@ -261,31 +284,9 @@ fn main() {
     let topic = unique("bench");
     broker.create_topic(&topic, 3);
     broker.produce(&topic, &msgs);
-    let s = settings(&broker, &topic, dir.path(), &model);
-    let metrics = Metrics::new();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = rt.spawn(streambed::run::run_with_metrics(
-        s,
-        metrics.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    let mut first = None;
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    while metrics.upserted.get() < n as u64 {
-        if first.is_none() && metrics.consumed.get() > 0 {
-            first = Some(Instant::now());
-        }
-        assert!(Instant::now() < deadline, "pipeline did not finish");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let sustained = n as f64 / first.unwrap().elapsed().as_secs_f64();
+    let w = InProcess::start(settings(&broker, &topic, dir.path(), &model));
+    let (metrics, rt) = (&w.metrics, &w.rt);
+    let sustained = w.sustained(n);
     println!("pipeline messages={n} sustained_sent_per_s={sustained:.1}");
 
     // 3. Latency at half capacity.
@@ -349,8 +350,7 @@ fn main() {
         metrics.consumed.get(),
         n + total
     );
-    let _ = stop_tx.send(());
-    rt.block_on(worker).unwrap().unwrap();
+    w.stop();
 
     // 4. Memory under a large backlog, in a worker process of its own.
     if backlog > 0 {
@@ -358,34 +358,9 @@ fn main() {
         broker.create_topic(&topic, 3);
         let t = Instant::now();
         let big = messages(backlog, "backlog");
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &broker.addr)
-            .set("linger.ms", "20")
-            .create()
-            .unwrap();
-        rt.block_on(async {
-            let mut pending = std::collections::VecDeque::new();
-            for (k, v) in &big {
-                loop {
-                    let rec = FutureRecord::to(&topic)
-                        .key(k.as_deref().unwrap())
-                        .payload(v.as_deref().unwrap());
-                    match producer.send_result(rec) {
-                        Ok(f) => {
-                            pending.push_back(f);
-                            break;
-                        }
-                        // Local queue full: wait for the oldest delivery, then retry.
-                        Err(_) => {
-                            let f = pending.pop_front().expect("queue full of something");
-                            f.await.unwrap().map_err(|(e, _)| e).unwrap();
-                        }
-                    }
-                }
-            }
-            for p in pending {
-                p.await.unwrap().map_err(|(e, _)| e).unwrap();
-            }
+        produce_fast(&broker.addr, &topic, backlog, |i| {
+            let (k, v) = &big[i];
+            (k.clone().unwrap(), v.clone().unwrap())
         });
         eprintln!("produced {backlog} in {:.0}s", t.elapsed().as_secs_f64());
         let store = tempfile::tempdir().unwrap();

@@ -15,8 +15,6 @@ mod support;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use streambed::util::quantile;
 use support::*;
 
@@ -104,38 +102,13 @@ fn main() {
     let ((e50, e99), (s50, s99)) = measure(&w.metrics_addr, &queries, n);
     println!("idle   requests={n} embed_p50_ms={e50:.1} embed_p99_ms={e99:.1} search_p50_ms={s50:.1} search_p99_ms={s99:.1}");
 
-    // The backlog, produced as fast as the broker takes it.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.addr)
-        .set("linger.ms", "20")
-        .create()
-        .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The backlog, produced as fast as the broker takes it. Distinct ids: every message
+    // is new work (none is skipped as unchanged).
     let sentences = korean_sentences(5000);
-    rt.block_on(async {
-        let mut pending = std::collections::VecDeque::new();
-        for i in 0..backlog {
-            // Distinct ids: every message is new work (none is skipped as unchanged).
-            let key = format!("b-{i}");
-            let value =
-                serde_json::json!({"id": key, "text": sentences[i % sentences.len()]}).to_string();
-            loop {
-                let rec = FutureRecord::to(&topic).key(&key).payload(&value);
-                match producer.send_result(rec) {
-                    Ok(f) => {
-                        pending.push_back(f);
-                        break;
-                    }
-                    Err(_) => {
-                        let f = pending.pop_front().expect("queue full of something");
-                        f.await.unwrap().map_err(|(e, _)| e).unwrap();
-                    }
-                }
-            }
-        }
-        for p in pending {
-            p.await.unwrap().map_err(|(e, _)| e).unwrap();
-        }
+    produce_fast(&broker.addr, &topic, backlog, |i| {
+        let key = format!("b-{i}");
+        let value = serde_json::json!({"id": key, "text": sentences[i % sentences.len()]});
+        (key.into_bytes(), value.to_string().into_bytes())
     });
     let before = w.metric("streambed_points_upserted_total");
     wait_until("ingestion to start", Duration::from_secs(60), || {

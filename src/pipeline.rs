@@ -1605,10 +1605,8 @@ mod tests {
         let sink = Arc::new(FakeSink::default());
         let done = Arc::new(Record::default());
         let metrics = Metrics::new();
-        let p = start(
-            cfg(),
-            documents(),
-            EncoderHandle::spawn(LenEncoder, 1),
+        let p = start_with(
+            LenEncoder,
             sink.clone(),
             Arc::new(DeadList::default()),
             done.clone(),
@@ -1679,10 +1677,8 @@ mod tests {
         let sink = Arc::new(FakeSink::default());
         let done = Arc::new(Record::default());
         let metrics = Metrics::new();
-        let p = start(
-            cfg(),
-            documents(),
-            EncoderHandle::spawn(LenEncoder, 1),
+        let p = start_with(
+            LenEncoder,
             sink.clone(),
             Arc::new(DeadList::default()),
             done.clone(),

@@ -330,6 +330,46 @@ fn note(
     *e = (*e).max(d.offset + 1);
 }
 
+/// Produces `n` records made by `record(i)` (key, value) as fast as the broker takes
+/// them: librdkafka's local queue stays full, and when it refuses, the oldest delivery is
+/// awaited first. For backlogs of hundreds of thousands of records.
+pub fn produce_fast(
+    addr: &str,
+    topic: &str,
+    n: usize,
+    record: impl Fn(usize) -> (Vec<u8>, Vec<u8>),
+) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("linger.ms", "20")
+        .create()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut pending = std::collections::VecDeque::new();
+        for i in 0..n {
+            let (k, v) = record(i);
+            loop {
+                let rec = FutureRecord::to(topic).key(&k).payload(&v);
+                match producer.send_result(rec) {
+                    Ok(f) => {
+                        pending.push_back(f);
+                        break;
+                    }
+                    // Local queue full: wait for the oldest delivery, then retry.
+                    Err(_) => {
+                        let f = pending.pop_front().expect("queue full of something");
+                        f.await.unwrap().map_err(|(e, _)| e).unwrap();
+                    }
+                }
+            }
+        }
+        for p in pending {
+            p.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+    });
+}
+
 /// What most stream tests start with: a broker, a topic with `partitions` partitions, a
 /// group id and a scratch folder, all fresh.
 pub struct Scenario {
