@@ -35,7 +35,9 @@ use tokio::sync::Semaphore;
 use crate::embed::worker::EncoderHandle;
 use crate::embed::{ModelInfo, TextTokenizer};
 use crate::metrics::Metrics;
+use crate::search::Searcher;
 use crate::settings::ApiSettings;
+use crate::settings::SearchMode;
 use crate::sink::{self, AnySink, MatchFilter, Sink};
 
 /// What answers queries once the model and the store are ready.
@@ -47,6 +49,8 @@ pub struct Serving {
     pub prefix: String,
     pub query_prefix: String,
     pub sink: Arc<AnySink>,
+    /// Turns a query text into the store's query (`search.*`, the sparse terms).
+    pub searcher: crate::search::Searcher,
     pub store: String,
     pub collection: String,
 }
@@ -508,12 +512,35 @@ async fn search(
         let grouped = flag(&o, "group_by_document", false)?;
         let truncate = flag(&o, "truncate", true)?;
         let prefix = prefix_of(&o, s)?;
-        let (mut v, _) = embed_inputs(&api, s, &[query], prefix, truncate, false).await?;
-        let vector = v.pop().expect("one vector");
-        let hits = if grouped {
-            sink::search_documents(s.sink.as_ref(), vector, top_k, filter).await
+        let requested = match o.get("mode") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(m)) => Some(SearchMode::parse(m).ok_or_else(|| {
+                bad(format!(
+                    "`mode` {m:?}: use \"dense\", \"sparse\", \"hybrid\" or \"auto\""
+                ))
+            })?),
+            Some(other) => return Err(bad(format!("`mode` must be a string, got {other}"))),
+        };
+        let mode = s.searcher.mode(requested).map_err(bad)?;
+        let vector = if Searcher::needs_dense(mode) {
+            let (mut v, _) = embed_inputs(
+                &api,
+                s,
+                std::slice::from_ref(&query),
+                prefix,
+                truncate,
+                false,
+            )
+            .await?;
+            v.pop()
         } else {
-            s.sink.search(vector, top_k, filter).await
+            None
+        };
+        let q = s.searcher.query(mode, &query, vector, top_k);
+        let hits = if grouped {
+            sink::search_documents(s.sink.as_ref(), q, top_k, filter).await
+        } else {
+            s.sink.search(q, top_k, filter).await
         };
         let hits = hits.map_err(|e| match e {
             sink::SinkError::Rejected { detail, .. } => bad(detail),
@@ -556,6 +583,8 @@ async fn info(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
             "max_concurrent_requests": api.settings.max_concurrent,
             "store": s.store,
             "collection": s.collection,
+            "sparse": s.searcher.lexer().map(|l| json!({"name": l.name(), "terms": l.source().name()})),
+            "search_modes": if s.searcher.lexer().is_some() { json!(["dense", "sparse", "hybrid"]) } else { json!(["dense"]) },
             "version": env!("CARGO_PKG_VERSION"),
         }))
     });

@@ -454,22 +454,29 @@ pub async fn search(
     query: &str,
     top_k: usize,
     group_by_document: bool,
+    mode: Option<crate::settings::SearchMode>,
 ) -> anyhow::Result<()> {
     use crate::sink::Sink;
     let metrics = crate::metrics::Metrics::new();
     let model = crate::run::load_model(&s, &metrics, &s.model.query_prefix).await?;
-    let tokens = model.tokenizer.tokenize(query)?;
-    let vector = model
-        .encoder
-        .embed(&[tokens.ids.as_slice()])?
-        .pop()
-        .expect("one vector");
+    let searcher =
+        crate::search::Searcher::new(&s, &model.tokenizer).map_err(|e| anyhow::anyhow!(e))?;
+    let mode = searcher
+        .mode(mode)
+        .map_err(|e| anyhow::anyhow!("--mode: {e}"))?;
+    let vector = if crate::search::Searcher::needs_dense(mode) {
+        let tokens = model.tokenizer.tokenize(query)?;
+        model.encoder.embed(&[tokens.ids.as_slice()])?.pop()
+    } else {
+        None
+    };
+    let q = searcher.query(mode, query, vector, top_k);
     let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
     let sink = crate::run::open_sink(&s, model.info.dim, &mut stop).await?;
     let hits = if group_by_document {
-        crate::sink::search_documents(sink.as_ref(), vector, top_k, None).await?
+        crate::sink::search_documents(sink.as_ref(), q, top_k, None).await?
     } else {
-        sink.search(vector, top_k, None).await?
+        sink.search(q, top_k, None).await?
     };
     for hit in hits {
         let document = crate::sink::document_of(&hit);

@@ -43,8 +43,10 @@ pub struct Documents {
     budget: usize,
     pub skip_unchanged: bool,
     /// Part of the content hash: what else decides the vectors (model, precision, prefix,
-    /// chunking).
+    /// chunking, sparse terms).
     fingerprint: String,
+    /// Makes each point's sparse vector, in collections that have one.
+    lexer: Option<crate::sparse::Lexer>,
 }
 
 /// How one document becomes chunks.
@@ -117,7 +119,22 @@ impl Documents {
             budget,
             skip_unchanged: s.skip_unchanged,
             fingerprint,
+            lexer: None,
         })
+    }
+
+    /// Gives every point a sparse vector made by `lexer` (and makes its settings part of
+    /// the content hash).
+    pub fn with_sparse(mut self, lexer: crate::sparse::Lexer) -> Self {
+        self.fingerprint.push('\u{0}');
+        self.fingerprint.push_str(&lexer.fingerprint());
+        self.lexer = Some(lexer);
+        self
+    }
+
+    /// The sparse vector of one point's text, where points have one.
+    pub fn sparse(&self, text: &str) -> Option<crate::sink::SparseVector> {
+        self.lexer.as_ref().map(|l| l.document(text))
     }
 
     pub fn tokenizer(&self) -> &TextTokenizer {

@@ -72,6 +72,9 @@ enum Command {
         /// One hit per document (its best chunk), for collections of split documents.
         #[arg(long)]
         group_by_document: bool,
+        /// dense | sparse | hybrid | auto (default: search.mode)
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<streambed::settings::SearchMode>,
     },
     /// Send a file's lines to a Kafka topic (created when missing); JSON lines keyed by "id".
     Produce {
@@ -263,10 +266,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             query,
             top_k,
             group_by_document,
+            mode,
         } => {
             let s = settings.load()?;
             init_logs(s.log.format);
-            on_runtime(commands::search(s, &query, top_k, group_by_document))
+            on_runtime(commands::search(s, &query, top_k, group_by_document, mode))
         }
         Command::Produce {
             brokers,
@@ -367,4 +371,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+fn parse_mode(s: &str) -> Result<streambed::settings::SearchMode, String> {
+    streambed::settings::SearchMode::parse(s)
+        .ok_or_else(|| format!("{s:?}: use dense, sparse, hybrid or auto"))
 }

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::document::{CharCursor, Documents, Plan};
 use crate::embed::worker::EncoderHandle;
 use crate::metrics::Metrics;
-use crate::sink::{fields, ChunkRange, Point, Sink, SinkError, Write};
+use crate::sink::{fields, ChunkRange, Point, Sink, SinkError, SparseVector, Write};
 use crate::source::decode::Rejection;
 
 /// Where an item came from, so its completion can be reported back.
@@ -182,6 +182,8 @@ struct Prepared {
     /// `None`: nothing to embed (a delete or a rejection). The embedder moves the ids out
     /// and leaves `Some` of an empty vector.
     tokens: Option<Vec<u32>>,
+    /// The point's lexical vector, where the collection has them.
+    sparse: Option<SparseVector>,
     /// The document this item writes or deletes; it counts as in flight until its
     /// message's last item is finished.
     document: Option<Uuid>,
@@ -200,6 +202,7 @@ impl Prepared {
         Prepared {
             item,
             tokens: None,
+            sparse: None,
             document: None,
             message,
             ends_message: true,
@@ -482,6 +485,7 @@ impl<S: Sink> Preparer<S> {
         payload.insert(fields::DOCUMENT_ID.into(), Value::String(id.to_string()));
         let chunk = |index: u32, count: u32, span: Range<usize>, chars: (usize, usize), tokens| {
             let mut payload = payload.clone();
+            let sparse = docs.sparse(&text[span.clone()]);
             payload.insert("text".into(), Value::String(text[span].to_string()));
             payload.insert(fields::CHUNK_INDEX.into(), index.into());
             payload.insert(fields::CHUNK_COUNT.into(), count.into());
@@ -497,6 +501,7 @@ impl<S: Sink> Preparer<S> {
                     ..shell.clone()
                 },
                 tokens: Some(tokens),
+                sparse,
                 document: Some(id),
                 message,
                 ends_message: index == 0,
@@ -879,6 +884,7 @@ impl<S: Sink> Writer<S> {
                     Action::Upsert(Point {
                         id,
                         vector,
+                        sparse: p.sparse,
                         payload,
                     })
                 }
@@ -1191,7 +1197,7 @@ mod tests {
         }
         async fn search(
             &self,
-            _: Vec<f32>,
+            _: crate::sink::Query,
             _: usize,
             _: Option<crate::sink::MatchFilter>,
         ) -> Result<Vec<Hit>, SinkError> {

@@ -42,9 +42,14 @@ pub fn documents(s: &Settings, m: &embed::LoadedModel) -> anyhow::Result<Arc<Doc
         m.info.pooling.as_str(),
         m.info.normalize
     );
-    Documents::new(m.tokenizer.clone(), &s.chunk, &model)
-        .map(Arc::new)
-        .map_err(|e| anyhow::anyhow!(e))
+    let mut docs =
+        Documents::new(m.tokenizer.clone(), &s.chunk, &model).map_err(|e| anyhow::anyhow!(e))?;
+    if s.sparse.enabled {
+        let lexer = crate::sparse::Lexer::new(&s.sparse, Some(&m.tokenizer))
+            .map_err(|e| anyhow::anyhow!(e))?;
+        docs = docs.with_sparse(lexer);
+    }
+    Ok(Arc::new(docs))
 }
 
 /// Loads the configured model off the async threads and records it in the metrics.
@@ -169,6 +174,13 @@ fn open_queries(
     sink: &Arc<AnySink>,
 ) {
     let Some(api) = api else { return };
+    let searcher = match crate::search::Searcher::new(s, tokenizer) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "query API not opened");
+            return;
+        }
+    };
     let (store, collection) = match s.sink.kind {
         crate::settings::SinkKind::Embedded => ("embedded", s.embedded.collection.clone()),
         crate::settings::SinkKind::Qdrant => ("qdrant", s.qdrant.collection.clone()),
@@ -180,6 +192,7 @@ fn open_queries(
         prefix: s.model.prefix.clone(),
         query_prefix: s.model.query_prefix.clone(),
         sink: sink.clone(),
+        searcher,
         store: store.into(),
         collection,
     });

@@ -45,6 +45,8 @@ pub struct Settings {
     pub message: MessageSettings,
     pub batch: BatchSettings,
     pub chunk: ChunkSettings,
+    pub sparse: SparseSettings,
+    pub search: SearchSettings,
     pub sink: SinkSettings,
     pub qdrant: QdrantSettings,
     pub embedded: EmbeddedSettings,
@@ -175,6 +177,59 @@ pub struct ChunkSettings {
     pub overlap_tokens: usize,
     /// Skip documents whose content hash the store already holds.
     pub skip_unchanged: bool,
+}
+
+pub use crate::sparse::{SparseSettings, TermSource};
+
+/// How a search ranks points (see `search`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// `hybrid` where the collection has sparse vectors, else `dense`.
+    Auto,
+    Dense,
+    Sparse,
+    Hybrid,
+}
+
+impl SearchMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SearchMode::Auto => "auto",
+            SearchMode::Dense => "dense",
+            SearchMode::Sparse => "sparse",
+            SearchMode::Hybrid => "hybrid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "auto" => SearchMode::Auto,
+            "dense" => SearchMode::Dense,
+            "sparse" => SearchMode::Sparse,
+            "hybrid" => SearchMode::Hybrid,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FusionKind {
+    Rrf,
+    Dbsf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSettings {
+    pub mode: SearchMode,
+    pub fusion: FusionKind,
+    pub rrf_k: u32,
+    pub dense_weight: f32,
+    pub sparse_weight: f32,
+    /// Candidates each leg of a hybrid search brings to the fusion (at least `top_k`).
+    pub prefetch: usize,
 }
 
 /// The query endpoints on the metrics server (see `api`).
@@ -378,6 +433,51 @@ impl Settings {
             return Err(invalid(
                 "kafka.heartbeat_interval_ms",
                 "must be at most a third of kafka.session_timeout_ms",
+            ));
+        }
+        if self.sparse.enabled && self.sparse.name.trim().is_empty() {
+            return Err(invalid(
+                "sparse.name",
+                "is empty; name the sparse vector (e.g. \"bm25\"); Qdrant's unnamed vector is the dense one",
+            ));
+        }
+        if !(self.sparse.k1 > 0.0 && self.sparse.k1.is_finite()) {
+            return Err(invalid("sparse.k1", "must be above 0 (1.2 is usual)"));
+        }
+        if !(0.0..=1.0).contains(&self.sparse.b) {
+            return Err(invalid("sparse.b", "must be from 0 to 1 (0.75 is usual)"));
+        }
+        if !(self.sparse.avg_terms >= 1.0 && self.sparse.avg_terms.is_finite()) {
+            return Err(invalid(
+                "sparse.avg_terms",
+                "must be at least 1: the typical number of terms of a point's text",
+            ));
+        }
+        if !self.sparse.enabled
+            && matches!(self.search.mode, SearchMode::Sparse | SearchMode::Hybrid)
+        {
+            return Err(invalid(
+                "search.mode",
+                format!(
+                    "is {:?}, which needs sparse vectors; set sparse.enabled = true or search.mode = \"dense\"",
+                    self.search.mode.as_str()
+                ),
+            ));
+        }
+        if self.search.rrf_k == 0 {
+            return Err(invalid("search.rrf_k", "must be at least 1"));
+        }
+        let weights = [self.search.dense_weight, self.search.sparse_weight];
+        if weights.iter().any(|w| !(*w >= 0.0 && w.is_finite())) || weights == [0.0, 0.0] {
+            return Err(invalid(
+                "search.dense_weight",
+                "and search.sparse_weight must be 0 or more, not both 0",
+            ));
+        }
+        if self.search.prefetch == 0 {
+            return Err(invalid(
+                "search.prefetch",
+                "must be at least 1 (100 is a good value)",
             ));
         }
         if self.message.text_field.is_empty() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use streambed::settings::{QdrantSettings, Secret};
 use streambed::sink::qdrant::QdrantSink;
-use streambed::sink::{ChunkRange, Point, Sink, SinkError, Write};
+use streambed::sink::{ChunkRange, Point, Query, Sink, SinkError, Write};
 use support::*;
 use uuid::Uuid;
 
@@ -53,7 +53,7 @@ async fn qdrant_sink_round_trip_over_grpc() {
     if let Some(k) = &q.api_key {
         cfg.api_key = serde_json::from_value(json!(k)).unwrap();
     }
-    let sink = QdrantSink::connect(&cfg).unwrap();
+    let sink = QdrantSink::connect(&cfg, None).unwrap();
     assert!(sink.ping().await.is_err(), "no collection yet: not healthy");
     sink.ensure_collection(8).await.unwrap();
     sink.ensure_collection(8).await.unwrap(); // idempotent
@@ -66,6 +66,7 @@ async fn qdrant_sink_round_trip_over_grpc() {
         .map(|(i, id)| Point {
             id: *id,
             vector: unit(8, i),
+            sparse: None,
             payload: json!({"text": format!("문장 {i} 😀"), "n": i})
                 .as_object()
                 .unwrap()
@@ -80,7 +81,10 @@ async fn qdrant_sink_round_trip_over_grpc() {
     .unwrap();
     assert_eq!(sink.count().await.unwrap(), 3);
 
-    let hits = sink.search(unit(8, 1), 2, None).await.unwrap();
+    let hits = sink
+        .search(Query::Dense(unit(8, 1)), 2, None)
+        .await
+        .unwrap();
     assert_eq!(hits[0].id, ids[1].to_string());
     assert!((hits[0].score - 1.0).abs() < 1e-5);
     assert_eq!(hits[0].payload["text"], "문장 1 😀");
@@ -93,6 +97,7 @@ async fn qdrant_sink_round_trip_over_grpc() {
     let again = Point {
         id: ids[0],
         vector: unit(8, 7),
+        sparse: None,
         payload: json!({"text": "덮어쓰기"}).as_object().unwrap().clone(),
     };
     sink.write(Write {
@@ -109,7 +114,7 @@ async fn qdrant_sink_round_trip_over_grpc() {
     document_chunks_are_replaced_and_removed(&sink).await;
 
     // The same collection for a model of another dimension is refused with the fix.
-    match QdrantSink::connect(&cfg)
+    match QdrantSink::connect(&cfg, None)
         .unwrap()
         .ensure_collection(768)
         .await
@@ -440,6 +445,7 @@ fn chunk_point(doc: Uuid, index: u32, dim: usize) -> Point {
     Point {
         id: streambed_decode::ids::chunk(doc, index),
         vector: unit(dim, index as usize % dim),
+        sparse: None,
         payload: json!({"document_id": doc.to_string(), "chunk_index": index, "text": format!("조각 {index}")})
             .as_object()
             .unwrap()
@@ -506,12 +512,12 @@ async fn document_chunks_are_replaced_and_removed<S: Sink>(sink: &S) {
 #[tokio::test]
 async fn the_embedded_store_replaces_and_removes_document_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let sink = streambed::sink::embedded::EmbeddedSink::open(dir.path().join("c"));
+    let sink = streambed::sink::embedded::EmbeddedSink::open(dir.path().join("c"), None);
     sink.ensure_collection(8).await.unwrap();
     document_chunks_are_replaced_and_removed(&sink).await;
     // The indexes survive a reopen (the shard keeps them) and creating them again is fine.
     drop(sink);
-    let sink = streambed::sink::embedded::EmbeddedSink::open(dir.path().join("c"));
+    let sink = streambed::sink::embedded::EmbeddedSink::open(dir.path().join("c"), None);
     sink.ensure_collection(8).await.unwrap();
     document_chunks_are_replaced_and_removed(&sink).await;
 }

@@ -131,6 +131,21 @@ impl TextTokenizer {
             .map_or(usize::MAX, |e| e.len())
     }
 
+    /// The ids of `text`'s pieces (no prefix, no special tokens, no truncation), leaving
+    /// out pieces without a letter or digit (punctuation, a lone `▁`): the terms of the
+    /// `pieces` sparse source. `text` is normalised by the caller.
+    pub fn piece_ids(&self, text: &str) -> Vec<u32> {
+        let Ok(e) = self.counting.encode(text, false) else {
+            return Vec::new();
+        };
+        e.get_ids()
+            .iter()
+            .zip(e.get_tokens())
+            .filter(|(_, t)| t.chars().any(char::is_alphanumeric))
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// Byte offsets in `text` where tokens start; `None` when NFC changes the text (the
     /// offsets would point into another string).
     pub fn token_starts(&self, text: &str) -> Option<Vec<usize>> {

@@ -8,18 +8,25 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
-    CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
-    FieldIndexOperations, Filter, OperationError, PayloadFieldSchema, PayloadSchemaType, PointId,
-    PointInsertOperations, PointOperations, PointStruct, QueryEnum, SearchRequest, UpdateOperation,
-    WithPayloadInterface, WithVector,
+    CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeSparseVectorParams,
+    EdgeVectorParams, FieldIndexOperations, Filter, Modifier, NamedQuery, OperationError,
+    PayloadFieldSchema, PayloadSchemaType, PointId, PointInsertOperations, PointOperations,
+    PointStruct, Prefetch, QueryEnum, QueryRequest, ScoringQuery, SearchRequest, UpdateOperation,
+    VectorInternal, WithPayloadInterface, WithVector,
 };
 use uuid::Uuid;
 
-use super::{fields, ChunkRange, Hit, MatchFilter, Point, Sink, SinkError, Write};
+use super::{
+    check_sparse, fields, no_sparse, ChunkRange, Fusion, Hit, MatchFilter, Point, Query, Sink,
+    SinkError, SparseVector, Write,
+};
 
 pub struct EmbeddedSink {
     path: PathBuf,
+    /// The sparse vector's name, where the collection has one (`sparse.enabled`).
+    sparse: Option<String>,
     shard: Arc<Mutex<Option<Arc<EdgeShard>>>>,
     /// Held for each update + flush (see the module comment).
     write_lock: Arc<Mutex<()>>,
@@ -89,14 +96,32 @@ pub fn match_filter(f: &MatchFilter) -> Result<Filter, SinkError> {
     })
 }
 
-/// The engine's upsert of `points`.
-pub fn upsert_op(points: Vec<Point>) -> UpdateOperation {
+fn edge_sparse(v: SparseVector) -> qdrant_edge::SparseVector {
+    qdrant_edge::SparseVector {
+        indices: v.indices,
+        values: v.values,
+    }
+}
+
+/// The engine's upsert of `points`: the dense vector is the default one, the sparse one
+/// (when given and the collection has `sparse_name`) named beside it.
+pub fn upsert_op(points: Vec<Point>, sparse_name: Option<&str>) -> UpdateOperation {
     let points = points
         .into_iter()
         .map(|p| {
+            let vectors: qdrant_edge::Vectors = match (p.sparse, sparse_name) {
+                (Some(sv), Some(name)) if !sv.is_empty() => qdrant_edge::Vectors::new_named([
+                    (
+                        qdrant_edge::DEFAULT_VECTOR_NAME.to_string(),
+                        qdrant_edge::Vector::new_dense(p.vector),
+                    ),
+                    (name.to_string(), qdrant_edge::Vector::from(edge_sparse(sv))),
+                ]),
+                _ => p.vector.into(),
+            };
             PointStruct::new(
                 PointId::Uuid(p.id),
-                p.vector,
+                vectors,
                 serde_json::Value::Object(p.payload),
             )
             .into()
@@ -122,6 +147,12 @@ fn to_hit(
         .unwrap_or_default();
     let vector = vector.and_then(|v| match v {
         qdrant_edge::VectorStructInternal::Single(d) => Some(d),
+        qdrant_edge::VectorStructInternal::Named(mut m) => {
+            match m.remove(qdrant_edge::DEFAULT_VECTOR_NAME) {
+                Some(VectorInternal::Dense(d)) => Some(d),
+                _ => None,
+            }
+        }
         _ => None,
     });
     Hit {
@@ -134,9 +165,10 @@ fn to_hit(
 
 impl EmbeddedSink {
     /// Does no I/O; the shard is opened by [`Sink::ensure_collection`].
-    pub fn open(path: PathBuf) -> Self {
+    pub fn open(path: PathBuf, sparse: Option<String>) -> Self {
         Self {
             path,
+            sparse,
             shard: Arc::new(Mutex::new(None)),
             write_lock: Arc::new(Mutex::new(())),
         }
@@ -227,6 +259,86 @@ impl EmbeddedSink {
         .await
     }
 
+    /// Sparse and hybrid searches through the engine's Query API (prefetch + fusion), as
+    /// Qdrant runs them.
+    pub async fn query_filtered(
+        &self,
+        query: Query,
+        top_k: usize,
+        filter: Option<Filter>,
+    ) -> Result<Vec<Hit>, SinkError> {
+        let name = self.sparse.clone().ok_or_else(no_sparse)?;
+        let sparse_query = move |v: SparseVector| {
+            ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
+                query: VectorInternal::Sparse(edge_sparse(v)),
+                using: Some(name.clone()),
+            }))
+        };
+        let (prefetches, scoring) = match query {
+            Query::Dense(v) => (
+                Vec::new(),
+                ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery::default_dense(v))),
+            ),
+            Query::Sparse(v) => (Vec::new(), sparse_query(v)),
+            Query::Hybrid {
+                dense,
+                sparse,
+                fusion,
+                prefetch,
+            } => {
+                let leg = |q: ScoringQuery| Prefetch {
+                    prefetches: Vec::new(),
+                    query: Some(q),
+                    limit: prefetch,
+                    params: None,
+                    filter: filter.clone(),
+                    score_threshold: None,
+                };
+                let fused = match fusion {
+                    Fusion::Rrf { k, weights } => qdrant_edge::Fusion::Rrf {
+                        k: k as usize,
+                        weights: (weights[0] != weights[1])
+                            .then(|| weights.iter().map(|w| OrderedFloat(*w)).collect()),
+                    },
+                    Fusion::Dbsf => qdrant_edge::Fusion::Dbsf,
+                };
+                (
+                    vec![
+                        leg(ScoringQuery::Vector(QueryEnum::Nearest(
+                            NamedQuery::default_dense(dense),
+                        ))),
+                        leg(sparse_query(sparse)),
+                    ],
+                    ScoringQuery::Fusion(fused),
+                )
+            }
+        };
+        self.query_request(QueryRequest {
+            prefetches,
+            query: Some(scoring),
+            filter,
+            score_threshold: None,
+            limit: top_k,
+            offset: 0,
+            params: None,
+            with_vector: WithVector::Bool(false),
+            with_payload: WithPayloadInterface::Bool(true),
+        })
+        .await
+    }
+
+    /// Runs one request of the engine's Query API (the test server's way in).
+    pub async fn query_request(&self, req: QueryRequest) -> Result<Vec<Hit>, SinkError> {
+        self.blocking(move |shard| {
+            let found = shard.query(req).map_err(classify)?;
+            Ok(found
+                .into_iter()
+                .map(|p| to_hit(p.id, p.score, p.payload, None))
+                .collect())
+        })
+        .await
+    }
+
     /// Every point with payload and vector, page by page (for tests and exports).
     pub async fn scroll_all(&self) -> Result<Vec<Hit>, SinkError> {
         self.blocking(|shard| {
@@ -258,9 +370,19 @@ impl EmbeddedSink {
 impl Sink for EmbeddedSink {
     async fn ensure_collection(&self, dim: usize) -> Result<(), SinkError> {
         let path = self.path.clone();
+        let sparse = self.sparse.clone();
         let shard = tokio::task::spawn_blocking(move || -> Result<EdgeShard, SinkError> {
             if path.join("edge_config.json").exists() {
                 let shard = EdgeShard::load(&path, None).map_err(err)?;
+                if let Some(name) = &sparse {
+                    let found: Vec<(String, bool)> = shard
+                        .config()
+                        .sparse_vectors
+                        .iter()
+                        .map(|(n, p)| (n.to_string(), p.modifier == Some(Modifier::Idf)))
+                        .collect();
+                    check_sparse(&path.display().to_string(), name, &found)?;
+                }
                 let existing = shard
                     .config()
                     .vectors
@@ -277,12 +399,17 @@ impl Sink for EmbeddedSink {
                 Ok(shard)
             } else {
                 std::fs::create_dir_all(&path).map_err(err)?;
-                let config = EdgeConfig::builder()
-                    .vector(
-                        qdrant_edge::DEFAULT_VECTOR_NAME,
-                        EdgeVectorParams::builder(dim, Distance::Cosine).build(),
-                    )
-                    .build();
+                let mut config = EdgeConfig::builder().vector(
+                    qdrant_edge::DEFAULT_VECTOR_NAME,
+                    EdgeVectorParams::builder(dim, Distance::Cosine).build(),
+                );
+                if let Some(name) = &sparse {
+                    config = config.sparse_vector(
+                        name.as_str(),
+                        EdgeSparseVectorParams::builder().modifier(Modifier::Idf).build(),
+                    );
+                }
+                let config = config.build();
                 EdgeShard::new(&path, config).map_err(err)
             }
         })
@@ -294,8 +421,9 @@ impl Sink for EmbeddedSink {
 
     async fn write(&self, w: Write) -> Result<(), SinkError> {
         let mut ops = Vec::new();
+        let name = self.sparse.as_deref();
         if !w.upserts.is_empty() {
-            ops.push(upsert_op(w.upserts));
+            ops.push(upsert_op(w.upserts, name));
         }
         if !w.deletes.is_empty() {
             let ids = w.deletes.into_iter().map(PointId::Uuid).collect();
@@ -309,19 +437,22 @@ impl Sink for EmbeddedSink {
             ));
         }
         if !w.last.is_empty() {
-            ops.push(upsert_op(w.last));
+            ops.push(upsert_op(w.last, name));
         }
         self.apply(ops).await
     }
 
     async fn search(
         &self,
-        vector: Vec<f32>,
+        query: Query,
         top_k: usize,
         filter: Option<MatchFilter>,
     ) -> Result<Vec<Hit>, SinkError> {
         let filter = filter.as_ref().map(match_filter).transpose()?;
-        self.search_filtered(vector, top_k, filter).await
+        match query {
+            Query::Dense(v) => self.search_filtered(v, top_k, filter).await,
+            other => self.query_filtered(other, top_k, filter).await,
+        }
     }
 
     async fn retrieve(&self, ids: Vec<Uuid>, with_vectors: bool) -> Result<Vec<Hit>, SinkError> {

@@ -14,7 +14,68 @@ use uuid::Uuid;
 pub struct Point {
     pub id: Uuid,
     pub vector: Vec<f32>,
+    /// The lexical vector (see `sparse`), in collections that have one.
+    pub sparse: Option<SparseVector>,
     pub payload: Map<String, Value>,
+}
+
+/// A sparse vector: sorted, unique indices and their weights.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SparseVector {
+    pub indices: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl SparseVector {
+    /// From (index, weight) pairs in any order; of repeated indices the largest weight is
+    /// kept.
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (u32, f32)>) -> Self {
+        let mut pairs: Vec<(u32, f32)> = pairs.into_iter().collect();
+        pairs.sort_unstable_by_key(|p| p.0);
+        let mut out = SparseVector {
+            indices: Vec::with_capacity(pairs.len()),
+            values: Vec::with_capacity(pairs.len()),
+        };
+        for (i, w) in pairs {
+            if out.indices.last() == Some(&i) {
+                let last = out.values.last_mut().expect("same length");
+                *last = last.max(w);
+            } else {
+                out.indices.push(i);
+                out.values.push(w);
+            }
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
+/// How a search finds points.
+#[derive(Debug, Clone)]
+pub enum Query {
+    /// Nearest by the dense vector (cosine).
+    Dense(Vec<f32>),
+    /// Best by the sparse vector (BM25 with the store's IDF).
+    Sparse(SparseVector),
+    /// Both searches, `prefetch` deep each, fused into one ranking in the store.
+    Hybrid {
+        dense: Vec<f32>,
+        sparse: SparseVector,
+        fusion: Fusion,
+        prefetch: usize,
+    },
+}
+
+/// How hybrid search merges its two rankings (Qdrant's Query API fusions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fusion {
+    /// Reciprocal rank fusion: `Σ weight / (k + rank)`; weights are (dense, sparse).
+    Rrf { k: u32, weights: [f32; 2] },
+    /// Distribution-based score fusion (scores normalised by their spread, then summed).
+    Dbsf,
 }
 
 /// Payload fields of the document layout (see `document`), which deletes filter on.
@@ -98,6 +159,40 @@ pub const REJECTED: &str = "store_rejected";
 /// Dead-letter reason for a point larger than the store's request limit on its own.
 pub const TOO_LARGE: &str = "too_large_for_store";
 
+/// The store's refusal of a sparse or hybrid search in a collection without the sparse
+/// vector.
+pub fn no_sparse() -> SinkError {
+    SinkError::Rejected {
+        reason: REJECTED,
+        detail: "sparse and hybrid search need a sparse vector in the collection; \
+                 set sparse.enabled = true (a new collection, then backfill) or search dense"
+            .into(),
+    }
+}
+
+/// The collection has the sparse vector `name` with the IDF modifier, or the worker
+/// stops with what to do. `found`: (name, has IDF) of the collection's sparse vectors.
+pub fn check_sparse(
+    collection: &str,
+    name: &str,
+    found: &[(String, bool)],
+) -> Result<(), SinkError> {
+    match found.iter().find(|(n, _)| n == name) {
+        Some((_, true)) => Ok(()),
+        Some((_, false)) => Err(SinkError::Permanent(format!(
+            "collection {collection:?} has the sparse vector {name:?} without the idf modifier, \
+             so BM25 weights would be scored without IDF; use another sparse.name or collection"
+        ))),
+        None => Err(SinkError::Permanent(format!(
+            "collection {collection:?} has no sparse vector {name:?} (it was made before \
+             sparse.enabled, or with another sparse.name; its sparse vectors: {:?}); set \
+             sparse.enabled = false to keep using it dense-only, or name a new collection and \
+             backfill",
+            found.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
+        ))),
+    }
+}
+
 /// A vector store.
 pub trait Sink: Send + Sync + 'static {
     /// Creates the collection when missing (cosine, `dim` dimensions) and the payload
@@ -106,9 +201,10 @@ pub trait Sink: Send + Sync + 'static {
     fn ensure_collection(&self, dim: usize) -> impl Future<Output = Result<(), SinkError>> + Send;
     /// Applies `w` in its order, durably (`wait=true` / flushed) before returning.
     fn write(&self, w: Write) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// The `top_k` best points for `query` meeting `filter`, with payload, best first.
     fn search(
         &self,
-        vector: Vec<f32>,
+        query: Query,
         top_k: usize,
         filter: Option<MatchFilter>,
     ) -> impl Future<Output = Result<Vec<Hit>, SinkError>> + Send;
@@ -148,11 +244,11 @@ impl Sink for AnySink {
     }
     async fn search(
         &self,
-        vector: Vec<f32>,
+        query: Query,
         top_k: usize,
         filter: Option<MatchFilter>,
     ) -> Result<Vec<Hit>, SinkError> {
-        dispatch!(self, s => s.search(vector, top_k, filter).await)
+        dispatch!(self, s => s.search(query, top_k, filter).await)
     }
     async fn retrieve(&self, ids: Vec<Uuid>, with_vectors: bool) -> Result<Vec<Hit>, SinkError> {
         dispatch!(self, s => s.retrieve(ids, with_vectors).await)
@@ -179,7 +275,7 @@ pub fn document_of(hit: &Hit) -> String {
 /// the same result in both stores, as Qdrant's own grouping would give for `group_size=1`.
 pub async fn search_documents<S: Sink>(
     sink: &S,
-    vector: Vec<f32>,
+    query: Query,
     top_k: usize,
     filter: Option<MatchFilter>,
 ) -> Result<Vec<Hit>, SinkError> {
@@ -188,7 +284,22 @@ pub async fn search_documents<S: Sink>(
     const DEEPEST: usize = 16_384;
     let mut limit = (top_k * 4).max(16);
     loop {
-        let hits = sink.search(vector.clone(), limit, filter.clone()).await?;
+        // A hybrid search's legs go as deep as the fused list.
+        let q = match &query {
+            Query::Hybrid {
+                dense,
+                sparse,
+                fusion,
+                prefetch,
+            } => Query::Hybrid {
+                dense: dense.clone(),
+                sparse: sparse.clone(),
+                fusion: *fusion,
+                prefetch: (*prefetch).max(limit),
+            },
+            other => other.clone(),
+        };
+        let hits = sink.search(q, limit, filter.clone()).await?;
         let exhausted = hits.len() < limit;
         let mut seen = std::collections::HashSet::new();
         let mut best = Vec::with_capacity(top_k);
@@ -210,12 +321,18 @@ pub async fn search_documents<S: Sink>(
 /// Opens the store the settings name.
 pub async fn open(settings: &crate::settings::Settings) -> Result<AnySink, SinkError> {
     use crate::settings::SinkKind;
+    let sparse = settings
+        .sparse
+        .enabled
+        .then(|| settings.sparse.name.clone());
     match settings.sink.kind {
         SinkKind::Embedded => Ok(AnySink::Embedded(embedded::EmbeddedSink::open(
             std::path::Path::new(&settings.embedded.path).join(&settings.embedded.collection),
+            sparse,
         ))),
         SinkKind::Qdrant => Ok(AnySink::Qdrant(qdrant::QdrantSink::connect(
             &settings.qdrant,
+            sparse,
         )?)),
     }
 }

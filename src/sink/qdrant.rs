@@ -9,19 +9,46 @@ use std::time::Duration;
 use qdrant_client::qdrant::{
     vector_output, vectors_config, vectors_output, Condition, CountPointsBuilder,
     CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, DeletePointsBuilder, Distance,
-    FieldType, Filter, GetPointsBuilder, PointId, PointStruct, PointsIdsList, Range,
-    SearchPointsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
+    FieldType, Filter, GetPointsBuilder, Modifier, NamedVectors, PointId, PointStruct,
+    PointsIdsList, PrefetchQuery, QueryPointsBuilder, Range, RrfBuilder, SearchPointsBuilder,
+    SparseVectorParams, SparseVectorsConfigBuilder, UpsertPointsBuilder, Vector,
+    VectorParamsBuilder,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use uuid::Uuid;
 
-use super::{fields, ChunkRange, Hit, MatchFilter, Point, Sink, SinkError, Write};
+use super::{
+    check_sparse, fields, no_sparse, ChunkRange, Fusion, Hit, MatchFilter, Point, Query, Sink,
+    SinkError, SparseVector, Write,
+};
 use crate::settings::QdrantSettings;
 
 pub struct QdrantSink {
     client: Qdrant,
     collection: String,
     max_request_bytes: usize,
+    /// The sparse vector's name, where the collection has one (`sparse.enabled`).
+    sparse: Option<String>,
+}
+
+/// A point as Qdrant's: the dense vector is the collection's default (unnamed) vector, so
+/// collections made before sparse vectors and every client that searches the default
+/// vector keep working; the sparse one is named beside it (Qdrant's name for the default
+/// vector is the empty string).
+fn point_struct(p: Point, sparse_name: Option<&str>) -> PointStruct {
+    match (p.sparse, sparse_name) {
+        (Some(sv), Some(name)) if !sv.is_empty() => {
+            let named = NamedVectors::default()
+                .add_vector("", Vector::new_dense(p.vector))
+                .add_vector(name, Vector::new_sparse(sv.indices, sv.values));
+            PointStruct::new(p.id, named, p.payload)
+        }
+        _ => PointStruct::new(p.id, p.vector, p.payload),
+    }
+}
+
+fn sparse_input(v: &SparseVector) -> qdrant_client::qdrant::VectorInput {
+    qdrant_client::qdrant::VectorInput::new_sparse(v.indices.clone(), v.values.clone())
 }
 
 /// Points whose payload field is `document_id` of one of `ranges` and, where `from` > 0,
@@ -152,10 +179,8 @@ impl QdrantSink {
         if points.is_empty() {
             return Ok(());
         }
-        let points: Vec<PointStruct> = points
-            .into_iter()
-            .map(|p| PointStruct::new(p.id, p.vector, p.payload))
-            .collect();
+        let name = self.sparse.as_deref();
+        let points: Vec<PointStruct> = points.into_iter().map(|p| point_struct(p, name)).collect();
         let budget = self
             .max_request_bytes
             .saturating_sub(REQUEST_OVERHEAD + self.collection.len());
@@ -168,7 +193,7 @@ impl QdrantSink {
         Ok(())
     }
 
-    pub fn connect(cfg: &QdrantSettings) -> Result<Self, SinkError> {
+    pub fn connect(cfg: &QdrantSettings, sparse: Option<String>) -> Result<Self, SinkError> {
         let mut b = Qdrant::from_url(&cfg.url)
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.timeout_ms))
@@ -183,7 +208,76 @@ impl QdrantSink {
             client,
             collection: cfg.collection.clone(),
             max_request_bytes: cfg.max_request_bytes,
+            sparse,
         })
+    }
+
+    /// Sparse and hybrid searches, through the Query API (prefetch + fusion in one
+    /// request).
+    async fn query(
+        &self,
+        query: Query,
+        top_k: usize,
+        filter: Option<Filter>,
+    ) -> Result<Vec<Hit>, SinkError> {
+        let name = self.sparse.as_deref().ok_or_else(no_sparse)?;
+        let mut req = QueryPointsBuilder::new(&self.collection)
+            .limit(top_k as u64)
+            .with_payload(true);
+        if let Some(f) = &filter {
+            req = req.filter(f.clone());
+        }
+        req = match query {
+            Query::Dense(_) => unreachable!("dense searches use search_points"),
+            Query::Sparse(sv) => req
+                .query(qdrant_client::qdrant::Query::new_nearest(sparse_input(&sv)))
+                .using(name),
+            Query::Hybrid {
+                dense,
+                sparse,
+                fusion,
+                prefetch,
+            } => {
+                let leg = |q: qdrant_client::qdrant::Query, using: Option<&str>| PrefetchQuery {
+                    query: Some(q),
+                    using: using.map(str::to_string),
+                    filter: filter.clone(),
+                    limit: Some(prefetch as u64),
+                    ..Default::default()
+                };
+                let fused = match fusion {
+                    Fusion::Rrf { k, weights } => {
+                        let mut rrf = RrfBuilder::with_k(k);
+                        // Equal weights are RRF's own; leave them out for servers before
+                        // weighted RRF.
+                        if weights[0] != weights[1] {
+                            rrf = rrf.weights(weights.to_vec());
+                        }
+                        qdrant_client::qdrant::Query::new_rrf(rrf)
+                    }
+                    Fusion::Dbsf => qdrant_client::qdrant::Query::new_fusion(
+                        qdrant_client::qdrant::Fusion::Dbsf,
+                    ),
+                };
+                req.add_prefetch(leg(qdrant_client::qdrant::Query::new_nearest(dense), None))
+                    .add_prefetch(leg(
+                        qdrant_client::qdrant::Query::new_nearest(sparse_input(&sparse)),
+                        Some(name),
+                    ))
+                    .query(fused)
+            }
+        };
+        let res = self.client.query(req).await.map_err(classify)?;
+        Ok(res
+            .result
+            .into_iter()
+            .map(|p| Hit {
+                id: id_string(p.id),
+                score: p.score,
+                payload: payload_json(p.payload),
+                vector: None,
+            })
+            .collect())
     }
 }
 
@@ -232,13 +326,20 @@ impl Sink for QdrantSink {
             .await
             .map_err(classify)?;
         if !exists {
-            let created = self
-                .client
-                .create_collection(
-                    CreateCollectionBuilder::new(&self.collection)
-                        .vectors_config(VectorParamsBuilder::new(dim as u64, Distance::Cosine)),
-                )
-                .await;
+            let mut create = CreateCollectionBuilder::new(&self.collection)
+                .vectors_config(VectorParamsBuilder::new(dim as u64, Distance::Cosine));
+            if let Some(name) = &self.sparse {
+                let mut sparse = SparseVectorsConfigBuilder::default();
+                sparse.add_named_vector_params(
+                    name,
+                    SparseVectorParams {
+                        index: None,
+                        modifier: Some(Modifier::Idf as i32),
+                    },
+                );
+                create = create.sparse_vectors_config(sparse);
+            }
+            let created = self.client.create_collection(create).await;
             // Another replica may have created it first; fall through to the check.
             if let Err(e) = created {
                 tracing::debug!(error = %e, "create_collection failed; checking the existing one");
@@ -253,20 +354,32 @@ impl Sink for QdrantSink {
             .result
             .and_then(|r| r.config)
             .and_then(|c| c.params)
-            .and_then(|p| p.vectors_config)
-            .and_then(|v| v.config);
-        match params {
+            .unwrap_or_default();
+        let sparse_names = params
+            .sparse_vectors_config
+            .as_ref()
+            .map(|c| {
+                c.map
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p.modifier == Some(Modifier::Idf as i32)))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        match params.vectors_config.and_then(|v| v.config) {
             Some(vectors_config::Config::Params(p))
-                if p.size == dim as u64 && p.distance == Distance::Cosine as i32 =>
-            {
-                self.ensure_indexes().await
+                if p.size == dim as u64 && p.distance == Distance::Cosine as i32 => {}
+            other => {
+                return Err(SinkError::Permanent(format!(
+                    "Qdrant collection {:?} exists with vectors {other:?}, but the model makes one unnamed \
+                     {dim}-dimension cosine vector; set qdrant.collection to another name or recreate it",
+                    self.collection
+                )))
             }
-            other => Err(SinkError::Permanent(format!(
-                "Qdrant collection {:?} exists with vectors {other:?}, but the model makes one unnamed \
-                 {dim}-dimension cosine vector; set qdrant.collection to another name or recreate it",
-                self.collection
-            ))),
         }
+        if let Some(name) = &self.sparse {
+            check_sparse(&self.collection, name, &sparse_names)?;
+        }
+        self.ensure_indexes().await
     }
 
     async fn write(&self, w: Write) -> Result<(), SinkError> {
@@ -297,14 +410,19 @@ impl Sink for QdrantSink {
 
     async fn search(
         &self,
-        vector: Vec<f32>,
+        query: Query,
         top_k: usize,
         filter: Option<MatchFilter>,
     ) -> Result<Vec<Hit>, SinkError> {
+        let filter = filter.as_ref().map(match_filter).transpose()?;
+        let vector = match query {
+            Query::Dense(v) => v,
+            other => return self.query(other, top_k, filter).await,
+        };
         let mut req =
             SearchPointsBuilder::new(&self.collection, vector, top_k as u64).with_payload(true);
         if let Some(f) = filter {
-            req = req.filter(match_filter(&f)?);
+            req = req.filter(f);
         }
         let res = self.client.search_points(req).await.map_err(classify)?;
         Ok(res
@@ -335,14 +453,19 @@ impl Sink for QdrantSink {
             .into_iter()
             .map(|p| {
                 #[allow(deprecated)]
-                let vector = p.vectors.and_then(|v| match v.vectors_options {
-                    Some(vectors_output::VectorsOptions::Vector(v)) => match v.vector {
-                        Some(vector_output::Vector::Dense(d)) => Some(d.data),
-                        // Servers before 1.13 fill only the deprecated field.
-                        None => Some(v.data),
-                        _ => None,
-                    },
+                let dense = |v: qdrant_client::qdrant::VectorOutput| match v.vector {
+                    Some(vector_output::Vector::Dense(d)) => Some(d.data),
+                    // Servers before 1.13 fill only the deprecated field.
+                    None => Some(v.data),
                     _ => None,
+                };
+                let vector = p.vectors.and_then(|v| match v.vectors_options {
+                    Some(vectors_output::VectorsOptions::Vector(v)) => dense(v),
+                    // With a sparse vector beside it, the default one comes named "".
+                    Some(vectors_output::VectorsOptions::Vectors(mut named)) => {
+                        named.vectors.remove("").and_then(dense)
+                    }
+                    None => None,
                 });
                 Hit {
                     id: id_string(p.id),
@@ -436,7 +559,15 @@ mod tests {
     fn point(text_bytes: usize) -> PointStruct {
         let mut payload = serde_json::Map::new();
         payload.insert("text".into(), "가".repeat(text_bytes / 3).into());
-        PointStruct::new(Uuid::from_u128(1), vec![0.5f32; 384], payload)
+        point_struct(
+            Point {
+                id: Uuid::from_u128(1),
+                vector: vec![0.5f32; 384],
+                sparse: Some(SparseVector::from_pairs((0..200).map(|i| (i * 7, 0.5)))),
+                payload,
+            },
+            Some("bm25"),
+        )
     }
 
     #[test]

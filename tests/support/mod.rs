@@ -857,7 +857,7 @@ pub fn read_store_at(shard: &Path, dim: usize) -> HashMap<String, streambed::sin
     use streambed::sink::Sink;
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let sink = EmbeddedSink::open(shard.to_path_buf());
+        let sink = EmbeddedSink::open(shard.to_path_buf(), None);
         sink.ensure_collection(dim).await.unwrap();
         sink.scroll_all().await.unwrap()
     })

@@ -1,16 +1,19 @@
 //! A Qdrant-protocol test server: qdrant-client's generated gRPC server traits, backed by
 //! the embedded store (qdrant-edge, one shard per collection, on disk). It covers what
 //! streambed uses (health check; collection create, exists, info, list, delete; point
-//! upsert, delete by id or by filter, get, scroll, search, count; payload indexes) for UUID
-//! ids and one unnamed cosine vector, and behaves like Qdrant 1.18 where streambed depends
-//! on it:
+//! upsert, delete by id or by filter, get, scroll, search, count, query with prefetch and
+//! fusion; payload indexes) for UUID ids, one unnamed cosine vector and at most one named
+//! sparse vector, and behaves like Qdrant 1.18 where streambed depends on it:
 //! - `wait=true` answers after the operation is applied (and flushed); `wait=false` (the
 //!   protocol's default) answers `Acknowledged` on acceptance and applies it later, in
 //!   order with the collection's other writes;
 //! - a request larger than the configured limit is refused (`OutOfRange`, tonic's own
 //!   message), as by the proxies that keep gRPC's 4 MiB default;
-//! - a wrong vector size, on upsert or search, is `InvalidArgument` naming the expected
-//!   dimension; a missing collection `NotFound`; store failures `Internal`;
+//! - a wrong vector size, on upsert, search or query, is `InvalidArgument` naming the
+//!   expected dimension; a vector name the collection lacks `InvalidArgument` ("Not
+//!   existing vector name"); a missing collection `NotFound`; store failures `Internal`;
+//! - with a sparse vector beside the default one, points come back with their vectors
+//!   named (the default one as `""`), as Qdrant sends them;
 //! - with an API key set, a call without one is `Unauthenticated`, with a wrong one
 //!   `PermissionDenied`.
 //!
@@ -33,7 +36,7 @@ use qdrant_edge::{
     PointOperations, UpdateOperation,
 };
 use streambed::sink::embedded::{upsert_op, EmbeddedSink};
-use streambed::sink::{Point, Sink, SinkError};
+use streambed::sink::{Point, Sink, SinkError, SparseVector};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -48,7 +51,16 @@ struct Write {
 struct Collection {
     sink: Arc<EmbeddedSink>,
     dim: usize,
+    /// The sparse vector's name and whether it has the IDF modifier.
+    sparse: Option<(String, bool)>,
     writes: mpsc::UnboundedSender<Write>,
+}
+
+/// What a collection's `sparse` file holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SparseFile {
+    name: String,
+    idf: bool,
 }
 
 impl Collection {
@@ -133,18 +145,77 @@ fn uuid_of(id: &pb::PointId) -> Result<Uuid, Status> {
     }
 }
 
-#[allow(deprecated)]
-fn dense_of(v: Option<pb::Vectors>) -> Result<Vec<f32>, Status> {
+fn no_such_vector(name: &str) -> Status {
+    Status::invalid_argument(format!(
+        "Wrong input: Not existing vector name error: {name}"
+    ))
+}
+
+#[allow(deprecated, clippy::result_large_err)]
+fn dense_of(v: pb::Vector) -> Result<Vec<f32>, Status> {
+    match v.vector {
+        Some(pb::vector::Vector::Dense(d)) => Ok(d.data),
+        None if v.indices.is_none() && !v.data.is_empty() => Ok(v.data),
+        _ => Err(Status::invalid_argument(
+            "Wrong input: the default vector must be dense",
+        )),
+    }
+}
+
+#[allow(deprecated, clippy::result_large_err)]
+fn sparse_of(v: pb::Vector) -> Result<SparseVector, Status> {
+    let (indices, values) = match v.vector {
+        Some(pb::vector::Vector::Sparse(s)) => (s.indices, s.values),
+        None if v.indices.is_some() => (v.indices.unwrap_or_default().data, v.data),
+        _ => {
+            return Err(Status::invalid_argument(
+                "Wrong input: expected a sparse vector",
+            ))
+        }
+    };
+    if indices.len() != values.len() {
+        return Err(Status::invalid_argument(
+            "Validation error: indices and values must have the same length",
+        ));
+    }
+    let mut sorted = indices.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != indices.len() {
+        return Err(Status::invalid_argument(
+            "Validation error: sparse vector indices must be unique",
+        ));
+    }
+    Ok(SparseVector::from_pairs(indices.into_iter().zip(values)))
+}
+
+/// A point's vectors: the default (dense) one, and the named sparse one where given.
+#[allow(clippy::result_large_err)]
+fn vectors_of(
+    v: Option<pb::Vectors>,
+    sparse_name: Option<&str>,
+) -> Result<(Vec<f32>, Option<SparseVector>), Status> {
     use pb::vectors::VectorsOptions;
     match v.and_then(|v| v.vectors_options) {
-        Some(VectorsOptions::Vector(v)) => match v.vector {
-            Some(pb::vector::Vector::Dense(d)) => Ok(d.data),
-            None if !v.data.is_empty() => Ok(v.data),
-            _ => Err(Status::invalid_argument("only dense vectors are supported")),
-        },
-        _ => Err(Status::invalid_argument(
-            "only one unnamed dense vector is supported",
-        )),
+        Some(VectorsOptions::Vector(v)) => Ok((dense_of(v)?, None)),
+        Some(VectorsOptions::Vectors(named)) => {
+            let mut dense = None;
+            let mut sparse = None;
+            for (name, v) in named.vectors {
+                if name.is_empty() {
+                    dense = Some(dense_of(v)?);
+                } else if Some(name.as_str()) == sparse_name {
+                    sparse = Some(sparse_of(v)?);
+                } else {
+                    return Err(no_such_vector(&name));
+                }
+            }
+            let dense = dense.ok_or_else(|| {
+                Status::invalid_argument("Wrong input: the default vector is missing")
+            })?;
+            Ok((dense, sparse))
+        }
+        None => Err(Status::invalid_argument("point without vectors")),
     }
 }
 
@@ -172,15 +243,29 @@ fn wants_vectors(w: Option<pb::WithVectorsSelector>) -> bool {
     })
 }
 
-fn retrieved(h: streambed::sink::Hit, with_vectors: bool) -> pb::RetrievedPoint {
+/// A point as Qdrant returns it; in a collection with a sparse vector the vectors come
+/// named, the default one as `""`.
+fn retrieved(h: streambed::sink::Hit, with_vectors: bool, named: bool) -> pb::RetrievedPoint {
+    let vectors = if with_vectors { h.vector } else { None }.map(|v| {
+        let out = vector_output(v);
+        if !named {
+            return out;
+        }
+        let Some(pb::vectors_output::VectorsOptions::Vector(single)) = out.vectors_options else {
+            unreachable!("vector_output makes one vector")
+        };
+        pb::VectorsOutput {
+            vectors_options: Some(pb::vectors_output::VectorsOptions::Vectors(
+                pb::NamedVectorsOutput {
+                    vectors: HashMap::from([(String::new(), single)]),
+                },
+            )),
+        }
+    });
     pb::RetrievedPoint {
         id: Some(pb::PointId::from(h.id)),
         payload: payload_grpc(h.payload),
-        vectors: if with_vectors {
-            h.vector.map(vector_output)
-        } else {
-            None
-        },
+        vectors,
         ..Default::default()
     }
 }
@@ -266,6 +351,101 @@ fn condition_json(c: &pb::Condition) -> Result<serde_json::Value, Status> {
     })
 }
 
+/// One prefetch of a query as the engine's.
+#[allow(clippy::result_large_err)]
+fn prefetch(c: &Collection, p: &pb::PrefetchQuery) -> Result<qdrant_edge::Prefetch, Status> {
+    if p.lookup_from.is_some() || p.score_threshold.is_some() {
+        return Err(unsupported(
+            "prefetch with lookup_from or a score threshold",
+        ));
+    }
+    Ok(qdrant_edge::Prefetch {
+        prefetches: p
+            .prefetch
+            .iter()
+            .map(|q| prefetch(c, q))
+            .collect::<Result<_, _>>()?,
+        query: p
+            .query
+            .as_ref()
+            .map(|q| scoring(c, q, p.using.as_deref()))
+            .transpose()?,
+        limit: p.limit.unwrap_or(10) as usize,
+        params: None,
+        filter: p.filter.as_ref().map(edge_filter).transpose()?,
+        score_threshold: None,
+    })
+}
+
+/// A query (nearest by a dense or sparse vector, or a fusion) as the engine's.
+#[allow(clippy::result_large_err)]
+fn scoring(
+    c: &Collection,
+    q: &pb::Query,
+    using: Option<&str>,
+) -> Result<qdrant_edge::ScoringQuery, Status> {
+    use pb::query::Variant;
+    use pb::vector_input::Variant as Input;
+    use qdrant_edge::{NamedQuery, QueryEnum, ScoringQuery, VectorInternal};
+    let using = using.filter(|u| !u.is_empty());
+    let rrf = |k: Option<u32>, weights: &[f32]| {
+        qdrant_edge::Fusion::Rrf {
+            // Qdrant's default k.
+            k: k.unwrap_or(2) as usize,
+            weights: (!weights.is_empty()).then(|| {
+                weights
+                    .iter()
+                    .map(|w| qdrant_edge::external::ordered_float::OrderedFloat(*w))
+                    .collect()
+            }),
+        }
+    };
+    match q.variant.as_ref() {
+        Some(Variant::Nearest(v)) => {
+            let vector = match v.variant.as_ref() {
+                Some(Input::Dense(d)) => {
+                    if let Some(name) = using {
+                        return Err(no_such_vector(name));
+                    }
+                    if d.data.len() != c.dim {
+                        return Err(wrong_dim(c.dim, d.data.len()));
+                    }
+                    VectorInternal::Dense(d.data.clone())
+                }
+                Some(Input::Sparse(sv)) => {
+                    let name = using.unwrap_or_default();
+                    if !c.sparse.as_ref().is_some_and(|(n, _)| n == name) {
+                        return Err(no_such_vector(name));
+                    }
+                    let v = sparse_of(pb::Vector {
+                        vector: Some(pb::vector::Vector::Sparse(pb::SparseVector {
+                            values: sv.values.clone(),
+                            indices: sv.indices.clone(),
+                        })),
+                        ..Default::default()
+                    })?;
+                    VectorInternal::Sparse(qdrant_edge::SparseVector {
+                        indices: v.indices,
+                        values: v.values,
+                    })
+                }
+                _ => return Err(unsupported("this query vector")),
+            };
+            Ok(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
+                query: vector,
+                using: using.map(str::to_string),
+            })))
+        }
+        Some(Variant::Fusion(f)) => match pb::Fusion::try_from(*f) {
+            Ok(pb::Fusion::Rrf) => Ok(ScoringQuery::Fusion(rrf(None, &[]))),
+            Ok(pb::Fusion::Dbsf) => Ok(ScoringQuery::Fusion(qdrant_edge::Fusion::Dbsf)),
+            Err(_) => Err(Status::invalid_argument("unknown fusion")),
+        },
+        Some(Variant::Rrf(r)) => Ok(ScoringQuery::Fusion(rrf(r.k, &r.weights))),
+        _ => Err(unsupported("this query")),
+    }
+}
+
 fn elapsed(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
@@ -295,7 +475,18 @@ impl TestServer {
             .trim()
             .parse()
             .map_err(|_| Status::internal("bad dim file"))?;
-        let sink = Arc::new(EmbeddedSink::open(dir.join("shard")));
+        let sparse: Option<(String, bool)> = match std::fs::read_to_string(dir.join("sparse")) {
+            Ok(t) => {
+                let f: SparseFile =
+                    serde_json::from_str(&t).map_err(|_| Status::internal("bad sparse file"))?;
+                Some((f.name, f.idf))
+            }
+            Err(_) => None,
+        };
+        let sink = Arc::new(EmbeddedSink::open(
+            dir.join("shard"),
+            sparse.as_ref().map(|(n, _)| n.clone()),
+        ));
         sink.ensure_collection(dim).await.map_err(status)?;
         let (writes, mut rx) = mpsc::unbounded_channel::<Write>();
         let writer = sink.clone();
@@ -317,7 +508,12 @@ impl TestServer {
                 }
             }
         });
-        let c = Arc::new(Collection { sink, dim, writes });
+        let c = Arc::new(Collection {
+            sink,
+            dim,
+            sparse,
+            writes,
+        });
         map.insert(name.to_string(), c.clone());
         Ok(Some(c))
     }
@@ -410,6 +606,15 @@ impl Collections for TestServer {
                     ..Default::default()
                 })),
             }),
+            sparse_vectors_config: c.sparse.as_ref().map(|(name, idf)| pb::SparseVectorConfig {
+                map: HashMap::from([(
+                    name.clone(),
+                    pb::SparseVectorParams {
+                        index: None,
+                        modifier: idf.then_some(pb::Modifier::Idf as i32),
+                    },
+                )]),
+            }),
             ..Default::default()
         };
         Ok(Response::new(pb::GetCollectionInfoResponse {
@@ -467,8 +672,24 @@ impl Collections for TestServer {
         if params.distance != Distance::Cosine as i32 {
             return Err(unsupported("a distance other than cosine"));
         }
+        let sparse = req.sparse_vectors_config.map(|c| c.map).unwrap_or_default();
+        if sparse.len() > 1 {
+            return Err(unsupported("more than one sparse vector"));
+        }
+        let sparse = sparse.into_iter().next().map(|(name, p)| SparseFile {
+            name,
+            idf: p.modifier == Some(pb::Modifier::Idf as i32),
+        });
         let dir = self.root.join(&req.collection_name);
         std::fs::create_dir_all(&dir).map_err(|e| Status::internal(e.to_string()))?;
+        if let Some(f) = &sparse {
+            std::fs::write(
+                dir.join("sparse"),
+                serde_json::to_string(f).expect("plain struct"),
+            )
+            .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        // Written last: its presence makes the collection exist.
         std::fs::write(dir.join("dim"), params.size.to_string())
             .map_err(|e| Status::internal(e.to_string()))?;
         self.must(&req.collection_name).await?;
@@ -604,7 +825,8 @@ impl Points for TestServer {
                 p.id.as_ref()
                     .ok_or_else(|| Status::invalid_argument("point without id"))?,
             )?;
-            let vector = dense_of(p.vectors)?;
+            let sparse_name = c.sparse.as_ref().map(|(n, _)| n.as_str());
+            let (vector, sparse) = vectors_of(p.vectors, sparse_name)?;
             if vector.len() != c.dim {
                 return Err(wrong_dim(c.dim, vector.len()));
             }
@@ -612,12 +834,14 @@ impl Points for TestServer {
             points.push(Point {
                 id,
                 vector,
+                sparse,
                 payload,
             });
         }
         // The embedded store flushes every write, which is what wait=true promises.
+        let name = c.sparse.as_ref().map(|(n, _)| n.as_str());
         let applied = c
-            .write(vec![upsert_op(points)], req.wait.unwrap_or(false))
+            .write(vec![upsert_op(points, name)], req.wait.unwrap_or(false))
             .await?;
         Ok(done(t, applied))
     }
@@ -660,9 +884,10 @@ impl Points for TestServer {
         let ids = req.ids.iter().map(uuid_of).collect::<Result<Vec<_>, _>>()?;
         let with_vectors = wants_vectors(req.with_vectors);
         let hits = c.sink.retrieve(ids, with_vectors).await.map_err(status)?;
+        let named = c.sparse.is_some();
         let result = hits
             .into_iter()
-            .map(|h| retrieved(h, with_vectors))
+            .map(|h| retrieved(h, with_vectors, named))
             .collect();
         Ok(Response::new(pb::GetResponse {
             result,
@@ -678,8 +903,12 @@ impl Points for TestServer {
         let t = Instant::now();
         let req = r.into_inner();
         let c = self.must(&req.collection_name).await?;
-        if req.vector_name.is_some() {
-            return Err(unsupported("named vectors"));
+        if let Some(name) = req.vector_name.as_deref().filter(|n| !n.is_empty()) {
+            return Err(if c.sparse.as_ref().is_some_and(|(n, _)| n == name) {
+                unsupported("searching the sparse vector with search (use query)")
+            } else {
+                no_such_vector(name)
+            });
         }
         if req.vector.len() != c.dim {
             return Err(wrong_dim(c.dim, req.vector.len()));
@@ -853,9 +1082,10 @@ impl Points for TestServer {
             let next = page.pop().expect("limit + 1 taken");
             pb::PointId::from(next.id)
         });
+        let named = c.sparse.is_some();
         let result = page
             .into_iter()
-            .map(|h| retrieved(h, with_vectors))
+            .map(|h| retrieved(h, with_vectors, named))
             .collect();
         Ok(Response::new(pb::ScrollResponse {
             next_page_offset,
@@ -909,9 +1139,49 @@ impl Points for TestServer {
 
     async fn query(
         &self,
-        _: Request<pb::QueryPoints>,
+        r: Request<pb::QueryPoints>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
-        Err(unsupported("query"))
+        let t = Instant::now();
+        let req = r.into_inner();
+        let c = self.must(&req.collection_name).await?;
+        if req.offset.unwrap_or(0) != 0 || req.score_threshold.is_some() {
+            return Err(unsupported("query with an offset or a score threshold"));
+        }
+        let limit = req.limit.unwrap_or(10) as usize;
+        let request = qdrant_edge::QueryRequest {
+            prefetches: req
+                .prefetch
+                .iter()
+                .map(|p| prefetch(&c, p))
+                .collect::<Result<_, _>>()?,
+            query: req
+                .query
+                .as_ref()
+                .map(|q| scoring(&c, q, req.using.as_deref()))
+                .transpose()?,
+            filter: req.filter.as_ref().map(edge_filter).transpose()?,
+            score_threshold: None,
+            limit,
+            offset: 0,
+            params: None,
+            with_vector: qdrant_edge::WithVector::Bool(false),
+            with_payload: qdrant_edge::WithPayloadInterface::Bool(true),
+        };
+        let hits = c.sink.query_request(request).await.map_err(status)?;
+        let result = hits
+            .into_iter()
+            .map(|h| pb::ScoredPoint {
+                id: Some(pb::PointId::from(h.id)),
+                payload: payload_grpc(h.payload),
+                score: h.score,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::QueryResponse {
+            result,
+            time: elapsed(t),
+            ..Default::default()
+        }))
     }
 
     async fn query_batch(
