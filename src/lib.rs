@@ -11,6 +11,7 @@ pub use streambed_decode::ids;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
+pub mod retrieval;
 pub mod run;
 pub mod search;
 pub mod settings;

@@ -93,13 +93,27 @@ enum Command {
     Eval {
         #[command(flatten)]
         model: ModelArgs,
+        /// An STS file (KLUE-STS JSON or KorSTS TSV); --retrieval takes several (default:
+        /// the shipped KLUE-STS dev, KorSTS dev and train).
         #[arg(long)]
-        data: PathBuf,
+        data: Vec<PathBuf>,
         /// Retrieval over long documents built from the STS file: hit@5 of `split`
         /// chunking against `truncate` for queries past the first max_seq_length tokens.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "retrieval")]
         documents: bool,
-        /// With --documents: the prefix put before queries (e5: "query: ").
+        /// Dense, sparse and hybrid search through the store over a corpus of the STS
+        /// files' sentences (queries: pairs with gold >= 4): recall@10, MRR@10, nDCG@10,
+        /// also on the queries that hinge on names and numbers.
+        #[arg(long)]
+        retrieval: bool,
+        /// With --retrieval: the sparse term sources to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "bigrams,pieces", value_parser = parse_terms)]
+        terms: Vec<streambed::sparse::TermSource>,
+        /// With --retrieval: a Qdrant server (gRPC URL) instead of the embedded store; its
+        /// collections streambed-eval-<terms> are replaced.
+        #[arg(long)]
+        qdrant_url: Option<String>,
+        /// With --documents or --retrieval: the prefix put before queries (e5: "query: ").
         #[arg(long, default_value = "")]
         query_prefix: String,
         /// With --documents: how many documents, and STS sentences in each.
@@ -290,15 +304,66 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Command::Eval {
                     model,
                     data,
+                    retrieval: true,
+                    query_prefix,
+                    terms,
+                    qdrant_url,
+                    ..
+                } => {
+                    let files = if data.is_empty() {
+                        streambed::retrieval::default_files(std::path::Path::new("."))
+                    } else {
+                        data
+                    };
+                    let scratch = tempfile_dir()?;
+                    let store = match qdrant_url {
+                        Some(u) => streambed::retrieval::Store::Qdrant(u),
+                        None => streambed::retrieval::Store::Embedded(scratch.clone()),
+                    };
+                    let r = on_runtime(streambed::retrieval::eval_retrieval(
+                        &model,
+                        &files,
+                        &query_prefix,
+                        &terms,
+                        store,
+                    ));
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    let r = r?;
+                    println!(
+                        "documents={} queries={} names_numbers_queries={} (sharing a number {}, a Latin word {}, a rare word {}) encoder_us_per_text={:.0}",
+                        r.documents, r.queries, r.slice_queries, r.slice_kinds[0], r.slice_kinds[1], r.slice_kinds[2], r.encoder_us
+                    );
+                    for ((source, us), (_, avg)) in r.sparse_us.iter().zip(&r.avg_terms) {
+                        println!(
+                            "sparse terms={} us_per_text={us:.1} ({:.2}% of the encoder) avg_terms={avg:.1}",
+                            source.name(),
+                            100.0 * us / r.encoder_us
+                        );
+                    }
+                    println!("| search | recall@10 | MRR@10 | nDCG@10 | names+numbers recall@10 | MRR@10 | nDCG@10 |");
+                    println!("|---|---|---|---|---|---|---|");
+                    for row in &r.rows {
+                        let (a, n) = (&row.all, &row.names_numbers);
+                        println!(
+                            "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+                            row.config, a.recall, a.mrr, a.ndcg, n.recall, n.mrr, n.ndcg
+                        );
+                    }
+                    Ok(())
+                }
+                Command::Eval {
+                    model,
+                    data,
                     documents: true,
                     query_prefix,
                     docs,
                     sentences_per_doc,
                     max_tokens,
+                    ..
                 } => {
                     let r = commands::eval_documents(
                         &model,
-                        &data,
+                        one_file(&data)?,
                         &query_prefix,
                         docs,
                         sentences_per_doc,
@@ -318,7 +383,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     );
                     Ok(())
                 }
-                Command::Eval { model, data, .. } => commands::eval(&model, &data),
+                Command::Eval { model, data, .. } => commands::eval(&model, one_file(&data)?),
                 Command::Bench {
                     model,
                     input,
@@ -376,4 +441,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 fn parse_mode(s: &str) -> Result<streambed::settings::SearchMode, String> {
     streambed::settings::SearchMode::parse(s)
         .ok_or_else(|| format!("{s:?}: use dense, sparse, hybrid or auto"))
+}
+
+fn parse_terms(s: &str) -> Result<streambed::sparse::TermSource, String> {
+    match s {
+        "bigrams" => Ok(streambed::sparse::TermSource::Bigrams),
+        "pieces" => Ok(streambed::sparse::TermSource::Pieces),
+        _ => Err(format!("{s:?}: use bigrams or pieces")),
+    }
+}
+
+/// `--data` where one file is wanted.
+fn one_file(data: &[PathBuf]) -> anyhow::Result<&std::path::Path> {
+    match data {
+        [one] => Ok(one),
+        _ => anyhow::bail!("--data: give one STS file (KLUE-STS JSON or KorSTS TSV)"),
+    }
+}
+
+/// A fresh scratch folder under the system's temporary folder.
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("streambed-eval-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

@@ -4,7 +4,7 @@
 
 use crate::embed::TextTokenizer;
 use crate::settings::{FusionKind, SearchMode, SearchSettings, Settings};
-use crate::sink::{Fusion, Query};
+use crate::sink::{Fusion, Query, SparseVector};
 use crate::sparse::Lexer;
 
 #[derive(Clone)]
@@ -75,18 +75,28 @@ impl Searcher {
         match mode {
             SearchMode::Dense | SearchMode::Auto => Query::Dense(dense.expect("dense mode embeds")),
             SearchMode::Sparse => Query::Sparse(sparse()),
-            SearchMode::Hybrid => Query::Hybrid {
-                dense: dense.expect("hybrid mode embeds"),
-                sparse: sparse(),
-                fusion: match self.settings.fusion {
-                    FusionKind::Rrf => Fusion::Rrf {
-                        k: self.settings.rrf_k,
-                        weights: [self.settings.dense_weight, self.settings.sparse_weight],
-                    },
-                    FusionKind::Dbsf => Fusion::Dbsf,
-                },
-                prefetch: self.settings.prefetch.max(top_k),
-            },
+            SearchMode::Hybrid => hybrid(
+                &self.settings,
+                dense.expect("hybrid mode embeds"),
+                sparse(),
+                top_k,
+            ),
         }
+    }
+}
+
+/// A hybrid query as `s` configures it.
+pub fn hybrid(s: &SearchSettings, dense: Vec<f32>, sparse: SparseVector, top_k: usize) -> Query {
+    Query::Hybrid {
+        dense,
+        sparse,
+        fusion: match s.fusion {
+            FusionKind::Rrf => Fusion::Rrf {
+                k: s.rrf_k,
+                weights: [s.dense_weight, s.sparse_weight],
+            },
+            FusionKind::Dbsf => Fusion::Dbsf,
+        },
+        prefetch: s.prefetch.max(top_k),
     }
 }

@@ -367,6 +367,19 @@ print(json.dumps({{"float": [d.embedding for d in f.data], "base64": [d.embeddin
             422,
         ),
         ("/search", br#"{"top_k": 3}"#.to_vec(), Some(KEY), 422),
+        // This store has no sparse vectors: lexical modes are refused, naming the fix.
+        (
+            "/search",
+            br#"{"query": "a", "mode": "hybrid"}"#.to_vec(),
+            Some(KEY),
+            422,
+        ),
+        (
+            "/search",
+            br#"{"query": "a", "mode": "fuzzy"}"#.to_vec(),
+            Some(KEY),
+            422,
+        ),
     ];
     for (path, body, key, want) in cases {
         let (status, _, text) = request(&addr, "POST", path, key, &body);

@@ -414,7 +414,7 @@ fn scoring(
                 }
                 Some(Input::Sparse(sv)) => {
                     let name = using.unwrap_or_default();
-                    if !c.sparse.as_ref().is_some_and(|(n, _)| n == name) {
+                    if c.sparse.as_ref().is_none_or(|(n, _)| n != name) {
                         return Err(no_such_vector(name));
                     }
                     let v = sparse_of(pb::Vector {
