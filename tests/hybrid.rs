@@ -132,7 +132,37 @@ fn env_dir(env: &[(String, String)]) -> &Path {
 fn an_exact_code_is_found_by_sparse_and_hybrid_search_in_the_embedded_store() {
     let _g = heavy();
     let dir = tempfile::tempdir().unwrap();
-    exact_codes_are_found(&base_env(dir.path()));
+    let mut env = base_env(dir.path());
+    exact_codes_are_found(&env);
+
+    // The same through the HTTP API of `streambed serve`.
+    let addr = format!("127.0.0.1:{}", free_port());
+    env.retain(|(k, _)| k != "STREAMBED__METRICS__ADDR");
+    env.push(("STREAMBED__METRICS__ADDR".into(), addr.clone()));
+    let mut w = Worker::spawn(&["serve"], &env, &dir.path().join("serve.log"));
+    w.metrics_addr = addr.clone();
+    let post = |body: Value| -> Value {
+        let out = Command::new("curl")
+            .args(["-sS", "-X", "POST", "-H", "Content-Type: application/json"])
+            .args(["-d", &body.to_string(), &format!("http://{addr}/search")])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    wait_until("the query API", std::time::Duration::from_secs(60), || {
+        post(json!({"query": "x", "mode": "sparse"}))["hits"].is_array()
+    });
+    for mode in ["sparse", "hybrid"] {
+        let r = post(json!({"query": CODE, "mode": mode, "top_k": 3}));
+        let top = r["hits"][0]["payload"]["text"].as_str().unwrap_or_default();
+        assert!(top.contains(CODE), "{mode}: {r}");
+    }
+    let r = post(json!({"query": DEEP_CODE, "mode": "hybrid", "group_by_document": true}));
+    assert!(r["hits"][0]["payload"]["text"]
+        .as_str()
+        .unwrap()
+        .contains(DEEP_CODE));
+    w.stop();
 }
 
 #[test]
