@@ -251,6 +251,18 @@ impl Bert {
         mask: &Tensor,
         pooling: Pooling,
     ) -> candle_core::Result<Tensor> {
+        self.forward_pooled_with(ids, mask, pooling, &mut || {})
+    }
+
+    /// As [`Bert::forward_pooled`], calling `between` after each layer (the encoder thread
+    /// answers waiting queries there, see `worker`).
+    pub fn forward_pooled_with(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        pooling: Pooling,
+        between: &mut dyn FnMut(),
+    ) -> candle_core::Result<Tensor> {
         let (b, len) = ids.dims2()?;
         let hidden = self.heads * self.head_dim;
         let pos = self.position.narrow(0, 0, len)?;
@@ -285,6 +297,7 @@ impl Bert {
                 .transpose(1, 2)?
                 .reshape((b * len, hidden))?;
             x = self.finish_layer(layer, &ctx, &x, fused)?;
+            between();
         }
         let x = x.reshape((b, len, hidden))?.to_dtype(DType::F32)?;
         let mask = mask.to_dtype(DType::F32)?;
@@ -308,6 +321,16 @@ impl Bert {
     /// `(sequences, hidden)` in f32, like
     /// [`Bert::forward_pooled`] on the same sequences.
     pub fn forward_packed(&self, seqs: &[&[u32]], pooling: Pooling) -> candle_core::Result<Tensor> {
+        self.forward_packed_with(seqs, pooling, &mut || {})
+    }
+
+    /// As [`Bert::forward_packed`], calling `between` after each layer.
+    pub fn forward_packed_with(
+        &self,
+        seqs: &[&[u32]],
+        pooling: Pooling,
+        between: &mut dyn FnMut(),
+    ) -> candle_core::Result<Tensor> {
         let hidden = self.heads * self.head_dim;
         let mut spans = Vec::with_capacity(seqs.len());
         let mut ids = Vec::new();
@@ -332,6 +355,7 @@ impl Bert {
             let qkv = linear_bias(&layer.qkv, &x, false)?;
             let ctx = qkv.apply_op1_no_bwd(&attention)?;
             x = self.finish_layer(layer, &ctx, &x, false)?;
+            between();
         }
         match pooling {
             Pooling::Cls => {

@@ -62,6 +62,18 @@ pub trait Encoder: Send + 'static {
     fn dim(&self) -> usize;
     /// One vector per input, in input order.
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError>;
+
+    /// As [`Encoder::embed`], calling `between` at points where other work may run on the
+    /// same model (between transformer layers); the encoder thread answers queries there.
+    fn embed_yielding(
+        &self,
+        batch: &[&[u32]],
+        between: &mut dyn FnMut(),
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let v = self.embed(batch)?;
+        between();
+        Ok(v)
+    }
 }
 
 /// Where the model runs and in which float type.
@@ -220,11 +232,18 @@ impl BertEncoder {
     /// One forward pass: packed (no padding) where the model can (f32 on the CPU), padded
     /// otherwise (a GPU, where the fused kernels and cuBLAS want rectangular batches; bf16
     /// on the CPU, which our f32 attention op does not take).
-    fn run_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    fn run_batch(
+        &self,
+        seqs: &[&[u32]],
+        between: &mut dyn FnMut(),
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         if !self.model.packs() {
-            return self.run_padded(seqs);
+            return self.run_padded(seqs, between);
         }
-        self.vectors(self.model.forward_packed(seqs, self.pooling)?)
+        self.vectors(
+            self.model
+                .forward_packed_with(seqs, self.pooling, between)?,
+        )
     }
 
     /// Pooled `(sequences, hidden)` to vectors, normalised if the folder asks for it.
@@ -238,10 +257,14 @@ impl BertEncoder {
     /// The padded forward pass (the GPU's) on whatever device the model is on, in input
     /// order: lets the CPU check it against the packed one.
     pub fn embed_padded(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        self.run_padded(seqs)
+        self.run_padded(seqs, &mut || {})
     }
 
-    fn run_padded(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    fn run_padded(
+        &self,
+        seqs: &[&[u32]],
+        between: &mut dyn FnMut(),
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(seqs.len() * len);
         let mut mask = Vec::with_capacity(seqs.len() * len);
@@ -254,7 +277,10 @@ impl BertEncoder {
         let device = self.model.device();
         let ids = Tensor::from_vec(ids, (seqs.len(), len), device)?;
         let mask = Tensor::from_vec(mask, (seqs.len(), len), device)?;
-        self.vectors(self.model.forward_pooled(&ids, &mask, self.pooling)?)
+        self.vectors(
+            self.model
+                .forward_pooled_with(&ids, &mask, self.pooling, between)?,
+        )
     }
 }
 
@@ -266,12 +292,20 @@ impl Encoder for BertEncoder {
     /// Sorts the inputs by length so each forward pass pads little, runs them in chunks of
     /// `max_batch`, and returns the vectors in input order.
     fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed_yielding(batch, &mut || {})
+    }
+
+    fn embed_yielding(
+        &self,
+        batch: &[&[u32]],
+        between: &mut dyn FnMut(),
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by_key(|&i| batch[i].len());
         let mut out = vec![Vec::new(); batch.len()];
         for chunk in order.chunks(self.max_batch) {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| batch[i]).collect();
-            for (&i, v) in chunk.iter().zip(self.run_batch(&seqs)?) {
+            for (&i, v) in chunk.iter().zip(self.run_batch(&seqs, between)?) {
                 out[i] = v;
             }
         }

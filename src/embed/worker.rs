@@ -2,10 +2,11 @@
 //! reply, so model inference never blocks a runtime worker.
 //!
 //! Two lanes: ingestion batches wait in a bounded queue (a slow model fills it, which
-//! pauses the stages before it), queries in a priority lane. The thread runs an ingestion
-//! batch in slices of `slice` inputs and, between slices and before the next batch, runs
-//! every waiting query together in one small forward pass; so a query waits for at most
-//! one slice, never behind a full ingestion batch or a backlog.
+//! pauses the stages before it), queries in a priority lane. Every waiting query runs
+//! together in one small forward pass, before the next batch and between the transformer
+//! layers of the batch running (in slices of 64 inputs); so a query waits for at most one
+//! layer of a slice, or the batch's quantum of model time if that is longer,
+//! never behind a full ingestion batch or a backlog.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -56,14 +57,17 @@ pub struct EncoderHandle {
     dim: usize,
 }
 
-/// Inputs per slice of an ingestion batch between two looks at the query lane: while no
-/// query came lately, the pipeline's default batch (`batch.max_items`), so batches run
-/// whole, as before; once queries flow, small slices, so a query waits for at most a few
-/// inputs' worth of model time (measured: docs/PERFORMANCE.md).
+/// Inputs per forward pass of an ingestion batch: the pipeline's default batch
+/// (`batch.max_items`), so batches run whole. Queries cut in between layers, so smaller
+/// slices while queries flow (8 or 16, measured in docs/PERFORMANCE.md) no longer bought
+/// latency worth their cost in ingestion speed.
 const SLICE: usize = 64;
-const SLICE_WITH_QUERIES: usize = 8;
-/// How long after a query the small slices are kept.
-const QUERIES_LATELY: Duration = Duration::from_secs(2);
+/// Model time an ingestion batch in progress gets after queries ran before queries may
+/// cut in again. Queries cut in between transformer layers, so without this a steady
+/// stream of them would starve ingestion; with it a query waits at most this plus one
+/// layer of a slice, and ingestion keeps about QUANTUM / (QUANTUM + a query pass) of the
+/// model while queries come back to back (docs/PERFORMANCE.md).
+const QUANTUM: Duration = Duration::from_millis(20);
 
 impl EncoderHandle {
     /// Starts the thread, with the model's parallel work on the process-wide thread pool.
@@ -153,9 +157,11 @@ impl EncoderHandle {
     }
 }
 
-/// The thread's loop: queries first, ingestion batches in slices.
+/// The thread's loop: queries first, ingestion batches in slices, queries cutting in
+/// between their layers.
 fn serve<E: Encoder>(encoder: &E, shared: &Shared) {
-    let mut last_query: Option<Instant> = None;
+    // When queries last ran: ingestion gets QUANTUM of model time after that.
+    let mut queries_ran = Instant::now() - QUANTUM;
     loop {
         let job = {
             let mut lanes = shared.lanes.lock().expect("lanes");
@@ -174,7 +180,7 @@ fn serve<E: Encoder>(encoder: &E, shared: &Shared) {
         };
         let Some(job) = job else {
             if run_queries(encoder, shared) {
-                last_query = Some(Instant::now());
+                queries_ran = Instant::now();
             }
             continue;
         };
@@ -184,23 +190,22 @@ fn serve<E: Encoder>(encoder: &E, shared: &Shared) {
         let mut failed = None;
         let mut at = 0;
         while at < job.seqs.len() {
-            let size = if last_query.is_some_and(|t| t.elapsed() < QUERIES_LATELY) {
-                SLICE_WITH_QUERIES
-            } else {
-                SLICE
-            };
-            let end = (at + size).min(job.seqs.len());
+            let end = (at + SLICE).min(job.seqs.len());
             let refs: Vec<&[u32]> = job.seqs[at..end].iter().map(Vec::as_slice).collect();
             at = end;
-            match encoder.embed(&refs) {
+            // Queries that arrive meanwhile run between the slice's layers, once the
+            // batch had its quantum.
+            let mut between = || {
+                if queries_ran.elapsed() >= QUANTUM && run_queries(encoder, shared) {
+                    queries_ran = Instant::now();
+                }
+            };
+            match encoder.embed_yielding(&refs, &mut between) {
                 Ok(v) => vectors.extend(v),
                 Err(e) => {
                     failed = Some(e);
                     break;
                 }
-            }
-            if run_queries(encoder, shared) {
-                last_query = Some(Instant::now());
             }
         }
         // The time the model spent on this batch, not on the queries between its slices.
@@ -307,5 +312,62 @@ mod tests {
             "query waited {waited:?}"
         );
         ingest.await.unwrap();
+    }
+
+    /// 12 "layers" of 50 ms per forward pass, whatever its size, yielding between them.
+    struct LayeredEncoder;
+    impl Encoder for LayeredEncoder {
+        fn dim(&self) -> usize {
+            1
+        }
+        fn embed(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
+            self.embed_yielding(batch, &mut || {})
+        }
+        fn embed_yielding(
+            &self,
+            batch: &[&[u32]],
+            between: &mut dyn FnMut(),
+        ) -> Result<Vec<Vec<f32>>, EmbedError> {
+            for _ in 0..12 {
+                std::thread::sleep(Duration::from_millis(50));
+                between();
+            }
+            Ok(batch.iter().map(|s| vec![s.len() as f32]).collect())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queries_cut_in_between_layers_without_starving_ingestion() {
+        let h = EncoderHandle::spawn(LayeredEncoder, 2);
+        let ingest = {
+            let h = h.clone();
+            tokio::spawn(async move { h.embed(vec![vec![1]; 10]).await.unwrap() })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A forward pass takes 600 ms; a query cuts in at the next layer (50 ms) and
+        // itself takes a pass (600 ms here), so well under two passes.
+        let started = Instant::now();
+        let (v, _) = h.embed_query(vec![vec![1, 2]]).await.unwrap();
+        assert_eq!(v, vec![vec![2.0]]);
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "query took {:?}",
+            started.elapsed()
+        );
+        // Queries back to back: the batch still gets a layer after each, and finishes.
+        let flood = {
+            let h = h.clone();
+            tokio::spawn(async move {
+                for _ in 0..30 {
+                    h.embed_query(vec![vec![1]]).await.unwrap();
+                }
+            })
+        };
+        let (v, _) = tokio::time::timeout(Duration::from_secs(15), ingest)
+            .await
+            .expect("ingestion starved by queries")
+            .unwrap();
+        assert_eq!(v.len(), 10);
+        flood.abort();
     }
 }
