@@ -449,9 +449,10 @@ impl Sink for EmbeddedSink {
         filter: Option<MatchFilter>,
     ) -> Result<Vec<Hit>, SinkError> {
         let filter = filter.as_ref().map(match_filter).transpose()?;
-        match query {
-            Query::Dense(v) => self.search_filtered(v, top_k, filter).await,
-            other => self.query_filtered(other, top_k, filter).await,
+        match query.effective() {
+            None => Ok(Vec::new()),
+            Some(Query::Dense(v)) => self.search_filtered(v, top_k, filter).await,
+            Some(other) => self.query_filtered(other, top_k, filter).await,
         }
     }
 

@@ -69,6 +69,19 @@ pub enum Query {
     },
 }
 
+impl Query {
+    /// The query as a store should run it: a hybrid query whose text gave no terms is the
+    /// dense search alone; `None` for a sparse query without terms, which nothing matches
+    /// (so no store is asked for what some would refuse).
+    pub fn effective(self) -> Option<Query> {
+        match self {
+            Query::Sparse(v) if v.is_empty() => None,
+            Query::Hybrid { dense, sparse, .. } if sparse.is_empty() => Some(Query::Dense(dense)),
+            q => Some(q),
+        }
+    }
+}
+
 /// How hybrid search merges its two rankings (Qdrant's Query API fusions).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Fusion {
@@ -334,5 +347,33 @@ pub async fn open(settings: &crate::settings::Settings) -> Result<AnySink, SinkE
             &settings.qdrant,
             sparse,
         )?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_without_terms_need_no_lexical_search() {
+        let none = SparseVector::default();
+        let some = SparseVector::from_pairs([(3, 1.0), (1, 0.5), (3, 2.0)]);
+        assert_eq!(some.indices, vec![1, 3]);
+        assert_eq!(some.values, vec![0.5, 2.0]);
+        assert!(Query::Sparse(none.clone()).effective().is_none());
+        let hybrid = |sparse| Query::Hybrid {
+            dense: vec![1.0],
+            sparse,
+            fusion: Fusion::Dbsf,
+            prefetch: 10,
+        };
+        assert!(matches!(
+            hybrid(none).effective(),
+            Some(Query::Dense(v)) if v == vec![1.0]
+        ));
+        assert!(matches!(
+            hybrid(some).effective(),
+            Some(Query::Hybrid { .. })
+        ));
     }
 }

@@ -149,6 +149,15 @@ fn id_string(id: Option<PointId>) -> String {
     }
 }
 
+fn scored_hit(p: qdrant_client::qdrant::ScoredPoint) -> Hit {
+    Hit {
+        id: id_string(p.id),
+        score: p.score,
+        payload: payload_json(p.payload),
+        vector: None,
+    }
+}
+
 fn payload_json(
     p: std::collections::HashMap<String, qdrant_client::qdrant::Value>,
 ) -> serde_json::Map<String, serde_json::Value> {
@@ -268,16 +277,7 @@ impl QdrantSink {
             }
         };
         let res = self.client.query(req).await.map_err(classify)?;
-        Ok(res
-            .result
-            .into_iter()
-            .map(|p| Hit {
-                id: id_string(p.id),
-                score: p.score,
-                payload: payload_json(p.payload),
-                vector: None,
-            })
-            .collect())
+        Ok(res.result.into_iter().map(scored_hit).collect())
     }
 }
 
@@ -415,9 +415,10 @@ impl Sink for QdrantSink {
         filter: Option<MatchFilter>,
     ) -> Result<Vec<Hit>, SinkError> {
         let filter = filter.as_ref().map(match_filter).transpose()?;
-        let vector = match query {
-            Query::Dense(v) => v,
-            other => return self.query(other, top_k, filter).await,
+        let vector = match query.effective() {
+            None => return Ok(Vec::new()),
+            Some(Query::Dense(v)) => v,
+            Some(other) => return self.query(other, top_k, filter).await,
         };
         let mut req =
             SearchPointsBuilder::new(&self.collection, vector, top_k as u64).with_payload(true);
@@ -425,16 +426,7 @@ impl Sink for QdrantSink {
             req = req.filter(f);
         }
         let res = self.client.search_points(req).await.map_err(classify)?;
-        Ok(res
-            .result
-            .into_iter()
-            .map(|p| Hit {
-                id: id_string(p.id),
-                score: p.score,
-                payload: payload_json(p.payload),
-                vector: None,
-            })
-            .collect())
+        Ok(res.result.into_iter().map(scored_hit).collect())
     }
 
     async fn retrieve(&self, ids: Vec<Uuid>, with_vectors: bool) -> Result<Vec<Hit>, SinkError> {

@@ -270,6 +270,15 @@ fn retrieved(h: streambed::sink::Hit, with_vectors: bool, named: bool) -> pb::Re
     }
 }
 
+fn scored_point(h: streambed::sink::Hit) -> pb::ScoredPoint {
+    pb::ScoredPoint {
+        id: Some(pb::PointId::from(h.id)),
+        payload: payload_grpc(h.payload),
+        score: h.score,
+        ..Default::default()
+    }
+}
+
 fn payload_grpc(p: serde_json::Map<String, serde_json::Value>) -> HashMap<String, pb::Value> {
     qdrant_client::Payload::from(p).into()
 }
@@ -919,15 +928,7 @@ impl Points for TestServer {
             .search_filtered(req.vector, req.limit as usize, filter)
             .await
             .map_err(status)?;
-        let result = hits
-            .into_iter()
-            .map(|h| pb::ScoredPoint {
-                id: Some(pb::PointId::from(h.id)),
-                payload: payload_grpc(h.payload),
-                score: h.score,
-                ..Default::default()
-            })
-            .collect();
+        let result = hits.into_iter().map(scored_point).collect();
         Ok(Response::new(pb::SearchResponse {
             result,
             time: elapsed(t),
@@ -1168,15 +1169,7 @@ impl Points for TestServer {
             with_payload: qdrant_edge::WithPayloadInterface::Bool(true),
         };
         let hits = c.sink.query_request(request).await.map_err(status)?;
-        let result = hits
-            .into_iter()
-            .map(|h| pb::ScoredPoint {
-                id: Some(pb::PointId::from(h.id)),
-                payload: payload_grpc(h.payload),
-                score: h.score,
-                ..Default::default()
-            })
-            .collect();
+        let result = hits.into_iter().map(scored_point).collect();
         Ok(Response::new(pb::QueryResponse {
             result,
             time: elapsed(t),
