@@ -162,6 +162,19 @@ fn an_exact_code_is_found_by_sparse_and_hybrid_search_in_the_embedded_store() {
         .as_str()
         .unwrap()
         .contains(DEEP_CODE));
+    // A payload filter holds in both legs: the deep code's chunk is not a first chunk, so
+    // the sparse search finds nothing and the hybrid one only what the dense leg finds.
+    for mode in ["sparse", "hybrid"] {
+        let r = post(
+            json!({"query": DEEP_CODE, "mode": mode, "top_k": 5, "filter": {"chunk_index": 0}}),
+        );
+        let hits = r["hits"].as_array().unwrap();
+        assert_eq!(hits.is_empty(), mode == "sparse", "{mode}: {r}");
+        for h in hits {
+            assert_eq!(h["payload"]["chunk_index"], 0, "{mode}: {r}");
+            assert!(!h["payload"]["text"].as_str().unwrap().contains(DEEP_CODE));
+        }
+    }
     w.stop();
 }
 

@@ -763,8 +763,13 @@ impl QdrantUnderTest {
     }
 
     /// A client for this endpoint (with its API key).
+    /// Its timeout is generous: on a 2-core machine running a worker and other tests, the
+    /// client's 5 s default was once too short for a collection delete (a flake, not a
+    /// finding).
     pub fn client(&self) -> qdrant_client::Qdrant {
-        let mut b = qdrant_client::Qdrant::from_url(&self.url).skip_compatibility_check();
+        let mut b = qdrant_client::Qdrant::from_url(&self.url)
+            .timeout(std::time::Duration::from_secs(60))
+            .skip_compatibility_check();
         if let Some(k) = &self.api_key {
             b = b.api_key(k.clone());
         }
