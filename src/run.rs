@@ -199,6 +199,47 @@ fn open_queries(
     tracing::info!("query API ready");
 }
 
+/// What `run` and `serve` both start with.
+struct Started {
+    documents: Arc<Documents>,
+    encoder: EncoderHandle,
+    sink: Arc<AnySink>,
+}
+
+/// The start `run` and `serve` share: the model loaded and on its thread, the documents'
+/// settings checked against it, the store open (waited for while it is not up) and
+/// watched, and the query API opened on them. `None` when `shutdown` came first.
+async fn start_serving<F: Future<Output = ()>>(
+    s: &Settings,
+    metrics: &Metrics,
+    api: Option<&Arc<Api>>,
+    stop_rx: &watch::Receiver<bool>,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> anyhow::Result<Option<Started>> {
+    let model = tokio::select! {
+        m = load_model(s, metrics, &s.model.prefix) => m?,
+        _ = shutdown.as_mut() => return Ok(None),
+    };
+    let documents = documents(s, &model)?;
+    let (tokenizer, info) = (model.tokenizer.clone(), model.info.clone());
+    let encoder = EncoderHandle::spawn_with_threads(model.encoder, 2, s.model.compute_threads());
+    let sink = {
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            r = open_sink(s, info.dim, &mut stop) => r?,
+            _ = shutdown.as_mut() => return Ok(None),
+        }
+    };
+    metrics.ready.sink_reachable.store(true, Ordering::Relaxed);
+    watch_sink(sink.clone(), metrics.clone(), stop_rx.clone());
+    open_queries(api, s, &tokenizer, &info, &encoder, &sink);
+    Ok(Some(Started {
+        documents,
+        encoder,
+        sink,
+    }))
+}
+
 /// `streambed serve`: the query API alone (model and store, no Kafka), until `shutdown`.
 pub async fn serve(s: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -214,29 +255,12 @@ pub async fn serve(s: Settings, shutdown: impl Future<Output = ()>) -> anyhow::R
     let api = query_api(&s, &metrics);
     serve_metrics(&s, &metrics, api.as_ref(), stop_rx.clone()).await?;
     tokio::pin!(shutdown);
-    let model = tokio::select! {
-        m = load_model(&s, &metrics, &s.model.prefix) => m?,
-        _ = &mut shutdown => return Ok(()),
+    // Held until shutdown (the query API holds its own handles too).
+    let Some(_started) = start_serving(&s, &metrics, api.as_ref(), &stop_rx, &mut shutdown).await?
+    else {
+        return Ok(());
     };
-    let encoder = EncoderHandle::spawn_with_threads(model.encoder, 2, s.model.compute_threads());
-    let sink = {
-        let mut stop = stop_rx.clone();
-        tokio::select! {
-            r = open_sink(&s, model.info.dim, &mut stop) => r?,
-            _ = &mut shutdown => return Ok(()),
-        }
-    };
-    metrics.ready.sink_reachable.store(true, Ordering::Relaxed);
     metrics.ready.source_ready.store(true, Ordering::Relaxed);
-    watch_sink(sink.clone(), metrics.clone(), stop_rx.clone());
-    open_queries(
-        api.as_ref(),
-        &s,
-        &model.tokenizer,
-        &model.info,
-        &encoder,
-        &sink,
-    );
     shutdown.await;
     let _ = stop_tx.send(true);
     Ok(())
@@ -257,24 +281,14 @@ pub async fn run_with_metrics(
     serve_metrics(&s, &metrics, api.as_ref(), stop_rx.clone()).await?;
     tokio::pin!(shutdown);
 
-    let model = tokio::select! {
-        m = load_model(&s, &metrics, &s.model.prefix) => m?,
-        _ = &mut shutdown => return Ok(()),
+    let Some(Started {
+        documents,
+        encoder,
+        sink,
+    }) = start_serving(&s, &metrics, api.as_ref(), &stop_rx, &mut shutdown).await?
+    else {
+        return Ok(());
     };
-    let dim = model.info.dim;
-    let documents = documents(&s, &model)?;
-    let (tokenizer, info) = (model.tokenizer.clone(), model.info.clone());
-    let encoder = EncoderHandle::spawn_with_threads(model.encoder, 2, s.model.compute_threads());
-    let sink = {
-        let mut stop = stop_rx.clone();
-        tokio::select! {
-            r = open_sink(&s, dim, &mut stop) => r?,
-            _ = &mut shutdown => return Ok(()),
-        }
-    };
-    metrics.ready.sink_reachable.store(true, Ordering::Relaxed);
-    watch_sink(sink.clone(), metrics.clone(), stop_rx.clone());
-    open_queries(api.as_ref(), &s, &tokenizer, &info, &encoder, &sink);
 
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let drain = Duration::from_millis(s.shutdown.deadline_ms);
