@@ -297,8 +297,8 @@ impl EmbeddedSink {
                 let fused = match fusion {
                     Fusion::Rrf { k, weights } => qdrant_edge::Fusion::Rrf {
                         k: k as usize,
-                        weights: (weights[0] != weights[1])
-                            .then(|| weights.iter().map(|w| OrderedFloat(*w)).collect()),
+                        weights: super::rrf_weights(weights)
+                            .map(|w| w.iter().map(|w| OrderedFloat(*w)).collect()),
                     },
                     Fusion::Dbsf => qdrant_edge::Fusion::Dbsf,
                 };

@@ -91,6 +91,12 @@ pub enum Fusion {
     Dbsf,
 }
 
+/// RRF weights as a store request carries them: `None` when they are equal, which is
+/// plain RRF (and leaves them out for servers before weighted RRF).
+pub fn rrf_weights(weights: [f32; 2]) -> Option<[f32; 2]> {
+    (weights[0] != weights[1]).then_some(weights)
+}
+
 /// Payload fields of the document layout (see `document`), which deletes filter on.
 pub mod fields {
     /// The document's id (the UUID of its first chunk's point), on every chunk.

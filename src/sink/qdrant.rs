@@ -257,10 +257,8 @@ impl QdrantSink {
                 let fused = match fusion {
                     Fusion::Rrf { k, weights } => {
                         let mut rrf = RrfBuilder::with_k(k);
-                        // Equal weights are RRF's own; leave them out for servers before
-                        // weighted RRF.
-                        if weights[0] != weights[1] {
-                            rrf = rrf.weights(weights.to_vec());
+                        if let Some(w) = super::rrf_weights(weights) {
+                            rrf = rrf.weights(w.to_vec());
                         }
                         qdrant_client::qdrant::Query::new_rrf(rrf)
                     }
