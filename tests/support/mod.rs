@@ -77,6 +77,9 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Starts tansu and waits until it answers a metadata request. A port taken between
+    /// `free_port` and tansu's bind, or a broker that listens but does not answer, is
+    /// retried on a new port (CI once saw an admin request time out on a fresh broker).
     pub fn start() -> Self {
         let bin = std::env::var_os("STREAMBED_TANSU")
             .map(PathBuf::from)
@@ -86,8 +89,20 @@ impl Broker {
             "{} is missing: run scripts/fetch-broker.sh first",
             bin.display()
         );
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(&bin) {
+                Ok(b) => return b,
+                Err(e) => last = e,
+            }
+        }
+        panic!("the broker did not start: {last}");
+    }
+
+    fn try_start(bin: &Path) -> Result<Self, String> {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::env::temp_dir().join(format!("streambed-tansu-{port}.log"));
         let child = Command::new(bin)
             .args([
                 "broker",
@@ -98,14 +113,40 @@ impl Broker {
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).map_or(Stdio::null(), Stdio::from))
             .spawn()
             .expect("start tansu");
         let addr = format!("127.0.0.1:{port}");
-        wait_until("the broker to listen", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        });
-        Broker { child, addr }
+        let mut broker = Broker { child, addr };
+        let tail = |b: &mut Broker| {
+            let _ = b.child.kill();
+            let _ = b.child.wait();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let start = text.len().saturating_sub(2000);
+            text.get(start..).unwrap_or_default().to_string()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&broker.addr).is_err() {
+            if Instant::now() > deadline || broker.exited() {
+                let addr = broker.addr.clone();
+                return Err(format!("not listening on {addr}: {}", tail(&mut broker)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let consumer: BaseConsumer = broker.config().create().unwrap();
+        let answered = consumer
+            .fetch_metadata(None, Duration::from_secs(15))
+            .is_ok();
+        if !answered || broker.exited() {
+            let addr = broker.addr.clone();
+            return Err(format!("no metadata from {addr}: {}", tail(&mut broker)));
+        }
+        let _ = std::fs::remove_file(&log);
+        Ok(broker)
+    }
+
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
     }
 
     fn config(&self) -> ClientConfig {
@@ -114,19 +155,34 @@ impl Broker {
         c
     }
 
+    /// Creates a topic; an admin request that times out is retried (and "already
+    /// exists" on a retry means the first attempt got through).
     pub fn create_topic(&self, topic: &str, partitions: i32) {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::types::RDKafkaErrorCode;
         let admin: AdminClient<_> = self.config().create().unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let r = rt
-            .block_on(admin.create_topics(
-                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            ))
-            .unwrap();
-        for x in r {
-            x.unwrap();
+        let options = AdminOptions::new()
+            .request_timeout(Some(Duration::from_secs(20)))
+            .operation_timeout(Some(Duration::from_secs(20)));
+        let mut last = None;
+        for attempt in 0..3 {
+            let new = [NewTopic::new(topic, partitions, TopicReplication::Fixed(1))];
+            match rt.block_on(admin.create_topics(&new, &options)) {
+                Ok(results) => {
+                    for r in results {
+                        match r {
+                            Ok(_) => {}
+                            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) if attempt > 0 => {}
+                            Err(e) => panic!("creating topic {topic}: {e:?}"),
+                        }
+                    }
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
         }
+        panic!("creating topic {topic}: {last:?}");
     }
 
     /// Produces records (key, value; `None` value is a tombstone) and returns the end
