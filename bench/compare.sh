@@ -1,21 +1,65 @@
 #!/usr/bin/env bash
-# Encoder throughput side by side, in one run on one machine: streambed (candle) and
-# sentence-transformers (PyTorch, fp32 and bf16 autocast) on the same model folders and the
-# same KorSTS sentences. Needs a Python with sentence-transformers: PYTHON=/path/to/python.
-#   bench/compare.sh [N_SENTENCES] [BATCH]
+# Encoder throughput side by side, in one run on one machine, text in -> vectors out for
+# every engine (tokenisation included), same model folders, same KorSTS dev sentences,
+# same batch size and thread count:
+#   streambed f32 and int8   `streambed bench --orders pipelined` (length-sorted batches,
+#                            tokenised on other threads while the model runs)
+#   sentence-transformers    PyTorch fp32, `SentenceTransformer.encode` (sorts by length)
+#   ONNX Runtime fp32, int8  the folder exported to ONNX, ORT's BERT fusions, int8 by
+#                            quantize_dynamic per channel (bench/ort_bench.py; sorts by length)
+# Engines run in interleaved rounds (the machines drift); the summary gives each figure's
+# median over the rounds and the median of the same-round ratios.
+#   PYTHON=$(bench/setup-reference.sh) bench/compare.sh [N_SENTENCES] [BATCH] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1024}
 B=${2:-32}
-PY=${PYTHON:-python3}
+ROUNDS=${3:-3}
+THREADS=${THREADS:-$(nproc)}
+PY=${PYTHON:-.tools/bench-venv/bin/python}
 BIN=target/release/streambed
 DATA=datasets/korsts/sts-dev.tsv
+MODELS=${MODELS:-"multilingual-e5-small klue-bert-base-random"}
+[ -x "$BIN" ] || cargo build --release --locked
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-for m in multilingual-e5-small klue-bert-base-random; do
+echo "flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|avx512_bf16|avx512_fp16|amx_tile|amx_int8|amx_bf16)$' | xargs)"
+for m in $MODELS; do
   prefix=""; [[ $m == multilingual-e5-small ]] && prefix="query: "
-  echo "== $m (batch $B, $N sentences)"
-  for d in f32 int8; do
-    $BIN bench --model "models/$m" --prefix "$prefix" --input $DATA --batch-size "$B" --limit "$N" --dtype $d 2>/dev/null | sed 's/^/streambed /'
-  done
-  "$PY" bench/st_bench.py --model "models/$m" --prefix "$prefix" --input $DATA --batch-size "$B" --limit "$N" --bf16 2>/dev/null
+  "$PY" bench/ort_bench.py --model "models/$m" --input $DATA --export-only 2>/dev/null
 done
+for r in $(seq "$ROUNDS"); do
+  for m in $MODELS; do
+    prefix=""; [[ $m == multilingual-e5-small ]] && prefix="query: "
+    common=(--model "models/$m" --prefix "$prefix" --input $DATA --batch-size "$B" --limit "$N")
+    for d in f32 int8; do
+      $BIN bench "${common[@]}" --dtype $d --orders pipelined 2>/dev/null \
+        | sed "s/^/round=$r model=$m engine=streambed-$d /"
+    done
+    ST_THREADS=$THREADS "$PY" bench/st_bench.py "${common[@]}" 2>/dev/null \
+      | sed "s/^/round=$r model=$m /; s/engine=sentence-transformers dtype=fp32/engine=pytorch-fp32/"
+    "$PY" bench/ort_bench.py "${common[@]}" --threads "$THREADS" 2>/dev/null \
+      | sed -E "s/^/round=$r model=$m /; s/engine=onnxruntime-[^ ]+ graph=(fp32|int8)/engine=ort-\1/"
+  done
+done | tee "$out"
+"$PY" - "$out" <<'PY'
+import statistics, sys
+rows = [dict(kv.split("=", 1) for kv in l.split() if "=" in kv) for l in open(sys.argv[1])]
+models = list(dict.fromkeys(r["model"] for r in rows))
+engines = ["streambed-f32", "pytorch-fp32", "ort-fp32", "streambed-int8", "ort-int8"]
+fig = {}
+for r in rows:
+    fig.setdefault((r["model"], r["engine"]), {})[r["round"]] = float(r["sent_per_s"])
+def ratio(m, a, b):
+    xs = [fig[(m, a)][k] / fig[(m, b)][k] for k in fig.get((m, a), {}) if k in fig.get((m, b), {})]
+    return statistics.median(xs) if xs else float("nan")
+print("\nmedians, sentences/s (text in -> vectors out):")
+print("| model | " + " | ".join(engines) + " | f32 / best fp32 ref | int8 / ORT int8 |")
+print("|---" * (len(engines) + 3) + "|")
+for m in models:
+    med = [statistics.median(fig[(m, e)].values()) if (m, e) in fig else float("nan") for e in engines]
+    best = max(("pytorch-fp32", "ort-fp32"), key=lambda e: statistics.median(fig.get((m, e), {0: 0}).values()))
+    print(f"| {m} | " + " | ".join(f"{v:.1f}" for v in med)
+          + f" | {ratio(m, 'streambed-f32', best):.2f}x ({best}) | {ratio(m, 'streambed-int8', 'ort-int8'):.2f}x |")
+PY

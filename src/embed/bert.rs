@@ -32,22 +32,43 @@ impl Activation {
     }
 }
 
-/// A linear layer: candle's, in the model's float type, or our int8 one (CPU only).
+/// A linear layer: candle's, in the model's float type (GPU, bf16), or one of our CPU
+/// kernels with prepacked weights: f32 (`gemm`) or int8 (`qlinear`).
 enum Dense {
     Float(Linear),
+    F32(super::gemm::PackedLinear),
     Int8(super::qlinear::QLinear),
 }
 
 impl Dense {
-    fn new(lin: Linear, int8: bool) -> candle_core::Result<Self> {
-        if !int8 {
+    fn new(lin: Linear, kind: DenseKind) -> candle_core::Result<Self> {
+        if kind == DenseKind::Candle {
             return Ok(Dense::Float(lin));
         }
         let (n, k) = lin.weight().dims2()?;
         let w = lin.weight().flatten_all()?.to_vec1::<f32>()?;
         let b = lin.bias().expect("bias loaded").to_vec1::<f32>()?;
-        Ok(Dense::Int8(super::qlinear::QLinear::new(&w, &b, n, k)))
+        Ok(match kind {
+            DenseKind::Int8 => Dense::Int8(super::qlinear::QLinear::new(&w, &b, n, k)),
+            _ => Dense::F32(super::gemm::PackedLinear::new(&w, &b, n, k)),
+        })
     }
+
+    /// Our CPU kernel, if this layer runs on one.
+    fn row(&self) -> Option<&dyn super::gemm::RowLinear> {
+        match self {
+            Dense::Float(_) => None,
+            Dense::F32(p) => Some(p),
+            Dense::Int8(q) => Some(q),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DenseKind {
+    Candle,
+    F32,
+    Int8,
 }
 
 struct Layer {
@@ -57,6 +78,8 @@ struct Layer {
     intermediate: Dense,
     output: Dense,
     out_norm: LayerNorm,
+    /// The two LayerNorms as plain vectors, for the CPU pass (`cpu`).
+    norms: Option<(super::cpu::Norm, super::cpu::Norm)>,
 }
 
 pub struct Bert {
@@ -84,6 +107,7 @@ fn linear(vb: VarBuilder, n_in: usize, n_out: usize) -> candle_core::Result<Line
 fn linear_bias(lin: &Dense, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
     let lin = match lin {
         Dense::Int8(q) => return x.apply_op1_no_bwd(q),
+        Dense::F32(p) => return x.apply_op1_no_bwd(p),
         Dense::Float(lin) => lin,
     };
     #[cfg(feature = "cuda")]
@@ -104,6 +128,7 @@ fn linear_residual(
 ) -> candle_core::Result<Tensor> {
     let lin = match lin {
         Dense::Int8(q) => return x.apply_op1_no_bwd(q)? + residual,
+        Dense::F32(p) => return x.apply_op1_no_bwd(p)? + residual,
         Dense::Float(lin) => lin,
     };
     #[cfg(feature = "cuda")]
@@ -124,6 +149,7 @@ fn linear_act(
 ) -> candle_core::Result<Tensor> {
     let lin = match lin {
         Dense::Int8(q) => return act.apply(&x.apply_op1_no_bwd(q)?),
+        Dense::F32(p) => return act.apply(&x.apply_op1_no_bwd(p)?),
         Dense::Float(lin) => lin,
     };
     #[cfg(feature = "cuda")]
@@ -132,6 +158,18 @@ fn linear_act(
         return super::fused::bias_gelu(&xw, lin.bias().expect("bias loaded"));
     }
     act.apply(&lin.forward(x)?)
+}
+
+fn plain_norm(ln: &LayerNorm) -> candle_core::Result<super::cpu::Norm> {
+    let beta = match ln.bias() {
+        Some(b) => b.to_dtype(DType::F32)?.to_vec1()?,
+        None => vec![0.0; ln.weight().dim(0)?],
+    };
+    Ok(super::cpu::Norm {
+        gamma: ln.weight().to_dtype(DType::F32)?.to_vec1()?,
+        beta,
+        eps: ln.eps() as f32,
+    })
 }
 
 fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
@@ -144,8 +182,15 @@ fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Laye
 }
 
 impl Bert {
-    /// With `int8`, the linear layers are quantized (CPU only; see `qlinear`).
+    /// With `int8`, the linear layers are quantized (CPU only; see `qlinear`). f32 on the
+    /// CPU runs our own kernels (`gemm`, `cpu`); every other case candle's.
     pub fn load(vb: VarBuilder, cfg: &BertConfig, int8: bool) -> candle_core::Result<Self> {
+        let cpu = vb.device().is_cpu() && vb.dtype() == DType::F32;
+        let kind = match (int8, cpu) {
+            (true, _) => DenseKind::Int8,
+            (false, true) => DenseKind::F32,
+            (false, false) => DenseKind::Candle,
+        };
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
             vb.pp("bert")
         } else {
@@ -178,19 +223,27 @@ impl Bert {
                 ],
                 0,
             )?;
+            let attn_norm = layer_norm(att.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?;
+            let out_norm = layer_norm(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?;
+            let norms = if cpu {
+                Some((plain_norm(&attn_norm)?, plain_norm(&out_norm)?))
+            } else {
+                None
+            };
             layers.push(Layer {
-                qkv: Dense::new(Linear::new(w, Some(b)), int8)?,
-                attn_out: Dense::new(linear(att.pp("output.dense"), h, h)?, int8)?,
-                attn_norm: layer_norm(att.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                qkv: Dense::new(Linear::new(w, Some(b)), kind)?,
+                attn_out: Dense::new(linear(att.pp("output.dense"), h, h)?, kind)?,
+                attn_norm,
                 intermediate: Dense::new(
                     linear(l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
-                    int8,
+                    kind,
                 )?,
                 output: Dense::new(
                     linear(l.pp("output.dense"), cfg.intermediate_size, h)?,
-                    int8,
+                    kind,
                 )?,
-                out_norm: layer_norm(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                out_norm,
+                norms,
             });
         }
         let act = match cfg.hidden_act.as_str() {
@@ -345,18 +398,30 @@ impl Bert {
         let pos = Tensor::from_vec(pos, tokens, &self.device)?;
         let x = (self.word.forward(&ids)? + self.position.index_select(&pos, 0)?)?
             .broadcast_add(&self.token_type0)?;
-        let mut x = self.emb_norm.forward(&x)?;
+        let x = self.emb_norm.forward(&x)?;
         let attention = super::packed::PackedAttention {
             spans: &spans,
             heads: self.heads,
             head_dim: self.head_dim,
         };
-        for layer in &self.layers {
-            let qkv = linear_bias(&layer.qkv, &x, false)?;
-            let ctx = qkv.apply_op1_no_bwd(&attention)?;
-            x = self.finish_layer(layer, &ctx, &x, false)?;
-            between();
-        }
+        let x = match self.cpu_layers() {
+            Some(layers) => {
+                let mut rows = x.flatten_all()?.to_vec1::<f32>()?;
+                let attend = |qkv: &[f32], ctx: &mut [f32]| attention.run_into(qkv, ctx);
+                super::cpu::encode(&layers, &mut rows, hidden, &attend, between);
+                Tensor::from_vec(rows, (tokens, hidden), &self.device)?
+            }
+            None => {
+                let mut x = x;
+                for layer in &self.layers {
+                    let qkv = linear_bias(&layer.qkv, &x, false)?;
+                    let ctx = qkv.apply_op1_no_bwd(&attention)?;
+                    x = self.finish_layer(layer, &ctx, &x, false)?;
+                    between();
+                }
+                x
+            }
+        };
         match pooling {
             Pooling::Cls => {
                 let first: Vec<u32> = spans.iter().map(|&(off, _)| off as u32).collect();
@@ -379,6 +444,24 @@ impl Bert {
                 Tensor::cat(&rows, 0)?.reshape((seqs.len(), hidden))
             }
         }
+    }
+
+    /// The layers as our CPU kernels see them, when every one runs on them.
+    fn cpu_layers(&self) -> Option<Vec<super::cpu::CpuLayer<'_>>> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let (attn_norm, out_norm) = l.norms.as_ref()?;
+                Some(super::cpu::CpuLayer {
+                    qkv: l.qkv.row()?,
+                    attn_out: l.attn_out.row()?,
+                    attn_norm,
+                    intermediate: l.intermediate.row()?,
+                    output: l.output.row()?,
+                    out_norm,
+                })
+            })
+            .collect()
     }
 
     pub fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {

@@ -3,9 +3,11 @@
 
 pub mod bert;
 pub mod config;
+pub mod cpu;
 pub mod e5s1;
 #[cfg(feature = "cuda")]
 pub mod fused;
+pub mod gemm;
 pub mod hub;
 pub mod ops;
 pub mod packed;

@@ -26,10 +26,16 @@ fn erf(x: f32) -> f32 {
     x * p / q
 }
 
+/// Exact-form GELU of one value, x/2 * (1 + erf(x / sqrt 2)).
+#[inline(always)]
+pub(crate) fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 #[inline(always)]
 fn gelu_loop(x: &[f32], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+        *o = gelu(v);
     }
 }
 

@@ -22,9 +22,20 @@ pub struct PackedAttention<'a> {
 
 impl PackedAttention<'_> {
     pub fn run(&self, qkv: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; qkv.len() / 3];
+        self.run_into(qkv, &mut out);
+        out
+    }
+
+    /// As [`PackedAttention::run`], into `out` (`(tokens, hidden)`).
+    pub fn run_into(&self, qkv: &[f32], out: &mut [f32]) {
         let hidden = self.heads * self.head_dim;
         let tokens = qkv.len() / (3 * hidden);
-        let mut out = vec![0f32; tokens * hidden];
+        assert!(out.len() >= tokens * hidden, "attention output shape");
+        assert!(
+            self.spans.iter().all(|s| s.0 + s.1 <= tokens),
+            "attention spans past the rows"
+        );
         let ptr = SendPtr(out.as_mut_ptr());
         let tasks: Vec<(usize, usize, usize)> = self
             .spans
@@ -38,7 +49,6 @@ impl PackedAttention<'_> {
             // spans do not overlap and lie inside `out`.
             unsafe { attend(self, qkv, (off, len, head), &mut scores, ptr.0) };
         });
-        out
     }
 }
 

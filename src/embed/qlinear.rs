@@ -13,10 +13,12 @@
 //! `vpdpbusd`. Processors without AVX512-VNNI run a portable loop over the same layout
 //! (correct, slow). The quality cost is measured on KLUE-STS dev (docs/PERFORMANCE.md).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
-use rayon::prelude::*;
+use std::cell::RefCell;
+use std::ops::Range;
 
-use super::ops::SendPtr;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+
+use super::gemm::{cpu_fwd_linear, par_forward, Epilogue, RowLinear};
 
 /// Output channels per packed block: one 512-bit register of i32 sums.
 const NB_COLS: usize = 16;
@@ -24,8 +26,6 @@ const NB_COLS: usize = 16;
 const MR: usize = 8;
 /// Blocks of 16 channels per micro-tile.
 const NB: usize = 3;
-/// Rows per task: a task's quantized rows stay in L2 while it walks its channels.
-const MC: usize = 64;
 
 /// A linear layer `y = x Wᵀ + b` with int8 weights.
 pub struct QLinear {
@@ -98,60 +98,24 @@ impl QLinear {
         }
     }
 
-    /// `x` is `(m, k)` row-major; returns `(m, n)`.
+    /// `x` is `(m, k)` row-major; returns `(m, n)`, split over the thread pool.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.k, "input shape");
-        let (qa, sa) = self.quantize_rows(x, m);
-        let mut out = vec![0f32; m * self.n];
-        let fast = vnni();
-        let groups = self.blocks.div_ceil(NB);
-        let m_chunks = m.div_ceil(MC).max(1);
-        // Enough tasks to keep every thread busy when the batch is short (few row chunks):
-        // split the channels too.
-        let threads = rayon::current_num_threads().max(1);
-        let n_parts = (2 * threads).div_ceil(m_chunks).clamp(1, groups);
-        let per_part = groups.div_ceil(n_parts);
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..m_chunks * n_parts).into_par_iter().for_each(|t| {
-            let (mc, part) = (t / n_parts, t % n_parts);
-            let rows = mc * MC..((mc + 1) * MC).min(m);
-            let g0 = part * per_part;
-            let g1 = ((part + 1) * per_part).min(groups);
-            let out_ptr = &out_ptr;
-            for g in g0..g1 {
-                let blk0 = g * NB;
-                let nb = NB.min(self.blocks - blk0);
-                let mut r = rows.start;
-                while r < rows.end {
-                    let mr = MR.min(rows.end - r);
-                    // SAFETY: tasks write disjoint (row range, channel range) tiles of
-                    // `out`, which outlives the parallel loop; `r + mr <= m`.
-                    unsafe {
-                        let a = qa.as_ptr().add(r * self.kp);
-                        let o = out_ptr.0.add(r * self.n);
-                        if fast {
-                            #[cfg(target_arch = "x86_64")]
-                            vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o);
-                        } else {
-                            self.portable_tile(a, &sa[r..r + mr], blk0, nb, o);
-                        }
-                    }
-                    r += mr;
-                }
-            }
-        });
-        out
+        par_forward(self, x, m, &Epilogue::Bias)
     }
 
     /// Per-row scales and the rows as `round(x / s) + 128`, padded with 128 (zero) to `kp`.
-    fn quantize_rows(&self, x: &[f32], m: usize) -> (Vec<u8>, Vec<f32>) {
-        let mut qa = vec![128u8; m * self.kp];
-        let mut sa = vec![1f32; m];
-        qa.par_chunks_mut(self.kp)
-            .zip(sa.par_iter_mut())
-            .zip(x.par_chunks(self.k))
-            .for_each(|((q, s), row)| quantize_row(row, q, s));
-        (qa, sa)
+    fn quantize_rows(&self, x: &[f32], m: usize, qa: &mut Vec<u8>, sa: &mut Vec<f32>) {
+        qa.clear();
+        qa.resize(m * self.kp, 128);
+        sa.clear();
+        sa.resize(m, 1.0);
+        for ((q, s), row) in qa
+            .chunks_mut(self.kp)
+            .zip(sa.iter_mut())
+            .zip(x.chunks(self.k).take(m))
+        {
+            quantize_row(row, q, s);
+        }
     }
 
     /// Reference for processors without VNNI, and for the tests.
@@ -165,6 +129,7 @@ impl QLinear {
         blk0: usize,
         nb: usize,
         out: *mut f32,
+        (gelu, res): (bool, *const f32),
     ) {
         let k4 = self.kp / 4;
         for (i, &s) in sa.iter().enumerate() {
@@ -183,10 +148,73 @@ impl QLinear {
                         }
                     }
                     let v = (acc - 128 * self.colsum[c]) as f32;
-                    *out.add(i * self.n + c) = v * s * self.scale[c] + self.bias[c];
+                    let mut y = v * s * self.scale[c] + self.bias[c];
+                    if gelu {
+                        y = super::ops::gelu(y);
+                    }
+                    if !res.is_null() {
+                        y += *res.add(i * self.n + c);
+                    }
+                    *out.add(i * self.n + c) = y;
                 }
             }
         }
+    }
+}
+
+thread_local! {
+    /// A thread's quantized rows and their scales, reused across calls.
+    static QROWS: RefCell<(Vec<u8>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl RowLinear for QLinear {
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    /// Groups of `NB` blocks of 16 channels (one micro-tile's width).
+    fn units(&self) -> usize {
+        self.blocks.div_ceil(NB)
+    }
+
+    unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
+        let epi = match epi {
+            Epilogue::Bias => (false, std::ptr::null()),
+            Epilogue::BiasGelu => (true, std::ptr::null()),
+            Epilogue::BiasResidual(r) => (false, r.as_ptr()),
+        };
+        let fast = vnni();
+        QROWS.with(|cell| {
+            let (qa, sa) = &mut *cell.borrow_mut();
+            self.quantize_rows(x, m, qa, sa);
+            for g in units {
+                let blk0 = g * NB;
+                let nb = NB.min(self.blocks - blk0);
+                let mut r = 0;
+                while r < m {
+                    let mr = MR.min(m - r);
+                    let a = qa.as_ptr().add(r * self.kp);
+                    let o = out.add(r * self.n);
+                    let e = (
+                        epi.0,
+                        if epi.1.is_null() {
+                            epi.1
+                        } else {
+                            epi.1.add(r * self.n)
+                        },
+                    );
+                    if fast {
+                        #[cfg(target_arch = "x86_64")]
+                        vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, e);
+                    } else {
+                        self.portable_tile(a, &sa[r..r + mr], blk0, nb, o, e);
+                    }
+                    r += mr;
+                }
+            }
+        });
     }
 }
 
@@ -251,18 +279,26 @@ fn quantize_row_loop(row: &[f32], q: &mut [u8], s: &mut f32) {
 
 /// Dispatches to the micro-kernel for this tile's shape (`sa.len()` rows ≤ MR, `nb` ≤ NB).
 #[cfg(target_arch = "x86_64")]
-unsafe fn vnni_tile(q: &QLinear, a: *const u8, sa: &[f32], blk0: usize, nb: usize, out: *mut f32) {
+unsafe fn vnni_tile(
+    q: &QLinear,
+    a: *const u8,
+    sa: &[f32],
+    blk0: usize,
+    nb: usize,
+    out: *mut f32,
+    epi: (bool, *const f32),
+) {
     macro_rules! rows {
         ($nb:literal) => {
             match sa.len() {
-                8 => tile::<8, $nb>(q, a, sa, blk0, out),
-                7 => tile::<7, $nb>(q, a, sa, blk0, out),
-                6 => tile::<6, $nb>(q, a, sa, blk0, out),
-                5 => tile::<5, $nb>(q, a, sa, blk0, out),
-                4 => tile::<4, $nb>(q, a, sa, blk0, out),
-                3 => tile::<3, $nb>(q, a, sa, blk0, out),
-                2 => tile::<2, $nb>(q, a, sa, blk0, out),
-                1 => tile::<1, $nb>(q, a, sa, blk0, out),
+                8 => tile::<8, $nb>(q, a, sa, blk0, out, epi),
+                7 => tile::<7, $nb>(q, a, sa, blk0, out, epi),
+                6 => tile::<6, $nb>(q, a, sa, blk0, out, epi),
+                5 => tile::<5, $nb>(q, a, sa, blk0, out, epi),
+                4 => tile::<4, $nb>(q, a, sa, blk0, out, epi),
+                3 => tile::<3, $nb>(q, a, sa, blk0, out, epi),
+                2 => tile::<2, $nb>(q, a, sa, blk0, out, epi),
+                1 => tile::<1, $nb>(q, a, sa, blk0, out, epi),
                 _ => unreachable!("tile rows"),
             }
         };
@@ -285,6 +321,7 @@ unsafe fn tile<const R: usize, const B: usize>(
     sa: &[f32],
     blk0: usize,
     out: *mut f32,
+    (gelu, res): (bool, *const f32),
 ) {
     use std::arch::x86_64::*;
     let k4 = q.kp / 4;
@@ -302,21 +339,51 @@ unsafe fn tile<const R: usize, const B: usize>(
             }
         }
     }
-    for j in 0..B {
-        let c0 = (blk0 + j) * NB_COLS;
-        let valid = q.n.saturating_sub(c0).min(NB_COLS);
-        let mask: __mmask16 = ((1u32 << valid) - 1) as __mmask16;
-        let zero_point =
-            _mm512_slli_epi32::<7>(_mm512_loadu_si512(q.colsum.as_ptr().add(c0).cast()));
-        let sw = _mm512_loadu_ps(q.scale.as_ptr().add(c0));
-        let bias = _mm512_loadu_ps(q.bias.as_ptr().add(c0));
-        for (i, row) in acc.iter().enumerate() {
-            let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(row[j], zero_point));
-            let s = _mm512_mul_ps(_mm512_set1_ps(sa[i]), sw);
-            let y = _mm512_fmadd_ps(sum, s, bias);
-            _mm512_mask_storeu_ps(out.add(i * q.n + c0), mask, y);
+    // Constant indices only (see `gemm::x86::k512`): a loop index into `acc` would keep
+    // the accumulators in memory, stored at every `k` step.
+    for (i, row) in acc.iter().enumerate() {
+        if let Some(&v) = row.first() {
+            finish(q, v, blk0, i, sa[i], out, (gelu, res));
+        }
+        if let Some(&v) = row.get(1) {
+            finish(q, v, blk0 + 1, i, sa[i], out, (gelu, res));
+        }
+        if let Some(&v) = row.get(2) {
+            finish(q, v, blk0 + 2, i, sa[i], out, (gelu, res));
         }
     }
+}
+
+/// Row `i` of block `blk`'s 16 sums to outputs: scales, bias, GELU, residual, store.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn finish(
+    q: &QLinear,
+    acc: std::arch::x86_64::__m512i,
+    blk: usize,
+    i: usize,
+    sa: f32,
+    out: *mut f32,
+    (gelu, res): (bool, *const f32),
+) {
+    use std::arch::x86_64::*;
+    let c0 = blk * NB_COLS;
+    let valid = q.n.saturating_sub(c0).min(NB_COLS);
+    let mask: __mmask16 = ((1u32 << valid) - 1) as __mmask16;
+    let zero_point = _mm512_slli_epi32::<7>(_mm512_loadu_si512(q.colsum.as_ptr().add(c0).cast()));
+    let sw = _mm512_loadu_ps(q.scale.as_ptr().add(c0));
+    let bias = _mm512_loadu_ps(q.bias.as_ptr().add(c0));
+    let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, zero_point));
+    let mut y = _mm512_fmadd_ps(sum, _mm512_mul_ps(_mm512_set1_ps(sa), sw), bias);
+    if gelu {
+        y = crate::embed::gemm::x86::gelu512(y);
+    }
+    let at = i * q.n + c0;
+    if !res.is_null() {
+        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.add(at)));
+    }
+    _mm512_mask_storeu_ps(out.add(at), mask, y);
 }
 
 /// candle op: `x (.., k)` f32 contiguous on CPU → `(.., n)`.
@@ -330,22 +397,7 @@ impl CustomOp1 for QLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = super::ops::contiguous_f32(self.name(), storage, layout)?;
-        let dims = layout.shape().dims();
-        let Some((&k, lead)) = dims.split_last() else {
-            candle_core::bail!("streambed-int8-linear: scalar input");
-        };
-        if k != self.k {
-            candle_core::bail!(
-                "streambed-int8-linear: input has {k} features, layer wants {}",
-                self.k
-            );
-        }
-        let m: usize = lead.iter().product();
-        let y = self.forward(x, m);
-        let mut out_dims = lead.to_vec();
-        out_dims.push(self.n);
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+        cpu_fwd_linear(self, self.name(), storage, layout)
     }
 }
 
@@ -407,7 +459,8 @@ mod tests {
         let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
         let q = QLinear::new(&w, &b, n, k);
         let fast = q.forward(&x, m);
-        let (qa, sa) = q.quantize_rows(&x, m);
+        let (mut qa, mut sa) = (Vec::new(), Vec::new());
+        q.quantize_rows(&x, m, &mut qa, &mut sa);
         let mut slow = vec![0f32; m * n];
         for r in 0..m {
             for g in 0..q.blocks.div_ceil(NB) {
@@ -420,6 +473,7 @@ mod tests {
                         g * NB,
                         nb,
                         slow.as_mut_ptr().add(r * n),
+                        (false, std::ptr::null()),
                     );
                 }
             }

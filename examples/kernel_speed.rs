@@ -1,0 +1,54 @@
+//! GFLOP/s of the CPU linear kernels on one thread and on the pool, at the shapes of
+//! BERT layers (token rows × hidden → 3·hidden / intermediate / hidden).
+//!     cargo run --release --example kernel_speed [-- HIDDEN INTERMEDIATE ROWS]
+use std::time::Instant;
+
+use streambed::embed::gemm::{par_forward, Epilogue, PackedLinear, RowLinear};
+use streambed::embed::qlinear::QLinear;
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let (h, i, m) = (
+        *args.first().unwrap_or(&384),
+        *args.get(1).unwrap_or(&1536),
+        *args.get(2).unwrap_or(&576),
+    );
+    println!(
+        "isa {:?}, pool {} threads",
+        streambed::embed::gemm::isa(),
+        rayon::current_num_threads()
+    );
+    for (n, k) in [(3 * h, h), (i, h), (h, i)] {
+        let w: Vec<f32> = (0..n * k)
+            .map(|v| ((v * 7919) % 1000) as f32 / 1e4 - 0.05)
+            .collect();
+        let b = vec![0.1f32; n];
+        let x: Vec<f32> = (0..m * k)
+            .map(|v| ((v * 104729) % 1000) as f32 / 1e3 - 0.5)
+            .collect();
+        let f = PackedLinear::new(&w, &b, n, k);
+        let q = QLinear::new(&w, &b, n, k);
+        let flop = 2.0 * (m * n * k) as f64;
+        for (name, lin) in [
+            ("f32", &f as &dyn RowLinear),
+            ("int8", &q as &dyn RowLinear),
+        ] {
+            let mut out = vec![0f32; m * n];
+            let reps = 20;
+            let t = Instant::now();
+            for _ in 0..reps {
+                unsafe { lin.run(&x, m, out.as_mut_ptr(), &Epilogue::Bias, 0..lin.units()) };
+            }
+            let one = flop * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
+            let t = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(par_forward(lin, &x, m, &Epilogue::Bias));
+            }
+            let all = flop * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
+            println!("{name:>4} {m}x{k} -> {n}: 1 thread {one:.1} GFLOP/s (GOP/s), pool {all:.1}");
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The CPU encoder layers without candle in between: packed token rows (no padding), our
+//! own linear kernels (`gemm`, `qlinear`) with bias, GELU and residual in their epilogue,
+//! and two parallel regions per layer.
+//!
+//! Everything in a layer but attention is row-local: the output projection, its residual
+//! and LayerNorm, the feed-forward pair and its LayerNorm, and the next layer's Q/K/V
+//! projection only read the same token's row. So a layer is (1) attention, in tasks per
+//! sentence and head, then (2) one task per block of rows that runs all of the rest for
+//! its rows, with its intermediates in the thread's own buffers (still in cache for the
+//! next matmul). The pool's work stealing balances the blocks, so a core taken away by
+//! another process (the Kafka client, a neighbour on a shared VM) slows the pass by its
+//! share instead of stalling every barrier of a per-op schedule.
+//!
+//! Batches too short to give every thread several row blocks (a single query) split each
+//! matmul by columns instead, op by op.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::gemm::{Epilogue, RowLinear};
+use super::ops::SendPtr;
+
+/// LayerNorm weights, for rows of `gamma.len()` values.
+pub struct Norm {
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+    pub eps: f32,
+}
+
+impl Norm {
+    /// `out = LN(x)` for one row.
+    #[inline(always)]
+    fn row(&self, x: &[f32], out: &mut [f32]) {
+        let h = x.len() as f32;
+        let mean = sum16(x) / h;
+        let mut var = [0f32; 16];
+        let whole = x.len() / 16 * 16;
+        for c in x[..whole].chunks_exact(16) {
+            for l in 0..16 {
+                let d = c[l] - mean;
+                var[l] += d * d;
+            }
+        }
+        let mut v: f32 = var.iter().sum();
+        for &e in &x[whole..] {
+            v += (e - mean) * (e - mean);
+        }
+        let inv = 1.0 / (v / h + self.eps).sqrt();
+        for (((o, &e), &g), &b) in out.iter_mut().zip(x).zip(&self.gamma).zip(&self.beta) {
+            *o = (e - mean) * inv * g + b;
+        }
+    }
+
+    /// LayerNorm of `rows` rows of `x` into `out`.
+    pub fn rows(&self, x: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::gemm::isa() == super::gemm::Isa::Avx512 {
+            // SAFETY: the feature was detected on this processor.
+            return unsafe { self.rows_avx512(x, out) };
+        }
+        self.rows_loop(x, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_avx512(&self, x: &[f32], out: &mut [f32]) {
+        self.rows_loop(x, out)
+    }
+
+    #[inline(always)]
+    fn rows_loop(&self, x: &[f32], out: &mut [f32]) {
+        let h = self.gamma.len();
+        for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+            self.row(xr, or);
+        }
+    }
+}
+
+#[inline(always)]
+fn sum16(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let whole = x.len() / 16 * 16;
+    for c in x[..whole].chunks_exact(16) {
+        for l in 0..16 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + x[whole..].iter().sum::<f32>()
+}
+
+/// One encoder layer's parts, borrowed from the model.
+pub struct CpuLayer<'a> {
+    pub qkv: &'a dyn RowLinear,
+    pub attn_out: &'a dyn RowLinear,
+    pub attn_norm: &'a Norm,
+    pub intermediate: &'a dyn RowLinear,
+    pub output: &'a dyn RowLinear,
+    pub out_norm: &'a Norm,
+}
+
+thread_local! {
+    /// A thread's row-block intermediates: `(rows, hidden)` and `(rows, intermediate)`.
+    static BLOCK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Rows per block: enough for the micro-kernels' tiles and to reuse each weight panel,
+/// few enough that every thread gets several blocks to steal.
+fn block_rows(tokens: usize, threads: usize) -> Option<usize> {
+    const MIN: usize = 12;
+    const MAX: usize = 96;
+    if tokens < threads * 2 * MIN {
+        return None;
+    }
+    let want = tokens.div_ceil(threads * 6);
+    Some(want.clamp(MIN, MAX).div_ceil(MIN) * MIN)
+}
+
+/// Runs the encoder layers over packed rows: `x` is `(tokens, hidden)` after the
+/// embeddings' LayerNorm, and holds the last layer's output on return. `attention`
+/// turns `(tokens, 3·hidden)` Q/K/V rows into `(tokens, hidden)` context rows.
+pub fn encode(
+    layers: &[CpuLayer],
+    x: &mut [f32],
+    hidden: usize,
+    attention: &(dyn Fn(&[f32], &mut [f32]) + Sync),
+    between: &mut dyn FnMut(),
+) {
+    let Some(first) = layers.first() else {
+        return;
+    };
+    let tokens = x.len() / hidden;
+    let threads = rayon::current_num_threads().max(1);
+    let mut qkv = vec![0f32; tokens * 3 * hidden];
+    let mut ctx = vec![0f32; tokens * hidden];
+    linear_all(first.qkv, x, tokens, &mut qkv, &Epilogue::Bias, threads);
+    for (i, layer) in layers.iter().enumerate() {
+        attention(&qkv, &mut ctx);
+        let next = layers.get(i + 1).map(|l| l.qkv);
+        match block_rows(tokens, threads) {
+            Some(block) => {
+                let xp = SendPtr(x.as_mut_ptr());
+                let qp = SendPtr(qkv.as_mut_ptr());
+                let ctx = &ctx;
+                (0..tokens.div_ceil(block)).into_par_iter().for_each(|b| {
+                    let (xp, qp) = (&xp, &qp);
+                    let r0 = b * block;
+                    let m = block.min(tokens - r0);
+                    // SAFETY: each task owns rows r0..r0+m of `x` and `qkv`, which no
+                    // other task of this loop reads or writes.
+                    let (xr, qr) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(xp.0.add(r0 * hidden), m * hidden),
+                            std::slice::from_raw_parts_mut(
+                                qp.0.add(r0 * 3 * hidden),
+                                m * 3 * hidden,
+                            ),
+                        )
+                    };
+                    let cr = &ctx[r0 * hidden..(r0 + m) * hidden];
+                    BLOCK.with(|cell| {
+                        let (a, inter) = &mut *cell.borrow_mut();
+                        rest_of_layer(layer, next, cr, xr, qr, m, (a, inter), 1);
+                    });
+                });
+            }
+            None => {
+                let (mut a, mut inter) = (Vec::new(), Vec::new());
+                rest_of_layer(
+                    layer,
+                    next,
+                    &ctx,
+                    x,
+                    &mut qkv,
+                    tokens,
+                    (&mut a, &mut inter),
+                    threads,
+                );
+            }
+        }
+        between();
+    }
+}
+
+/// Everything of a layer after attention, for `m` rows: `x = LN(ctx Wₒ + b + x)`,
+/// `x = LN(gelu(x W₁ + b₁) W₂ + b₂ + x)`, then the next layer's `qkv = x W_qkv + b`.
+/// With `threads` > 1 each matmul is split by columns over the pool.
+#[allow(clippy::too_many_arguments)]
+fn rest_of_layer(
+    layer: &CpuLayer,
+    next_qkv: Option<&dyn RowLinear>,
+    ctx: &[f32],
+    x: &mut [f32],
+    qkv: &mut [f32],
+    m: usize,
+    (a, inter): (&mut Vec<f32>, &mut Vec<f32>),
+    threads: usize,
+) {
+    let hidden = layer.attn_out.n();
+    a.resize(m * hidden, 0.0);
+    inter.resize(m * layer.intermediate.n(), 0.0);
+    linear_all(
+        layer.attn_out,
+        ctx,
+        m,
+        a,
+        &Epilogue::BiasResidual(x),
+        threads,
+    );
+    layer.attn_norm.rows(a, x);
+    linear_all(
+        layer.intermediate,
+        x,
+        m,
+        inter,
+        &Epilogue::BiasGelu,
+        threads,
+    );
+    linear_all(
+        layer.output,
+        inter,
+        m,
+        a,
+        &Epilogue::BiasResidual(x),
+        threads,
+    );
+    layer.out_norm.rows(a, x);
+    if let Some(q) = next_qkv {
+        linear_all(q, x, m, qkv, &Epilogue::Bias, threads);
+    }
+}
+
+/// `out = epi(x Wᵀ)` for `m` rows: sequential with one thread, else split by columns.
+fn linear_all(
+    lin: &dyn RowLinear,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    epi: &Epilogue,
+    threads: usize,
+) {
+    assert!(
+        out.len() >= m * lin.n() && x.len() >= m * lin.k(),
+        "linear shapes"
+    );
+    let units = lin.units();
+    let parts = if threads > 1 {
+        (3 * threads).min(units)
+    } else {
+        1
+    };
+    if parts <= 1 {
+        // SAFETY: `out` holds m rows of n; all units are written by this call alone.
+        unsafe { lin.run(x, m, out.as_mut_ptr(), epi, 0..units) };
+        return;
+    }
+    let per = units.div_ceil(parts);
+    let ptr = SendPtr(out.as_mut_ptr());
+    (0..parts).into_par_iter().for_each(|p| {
+        let ptr = &ptr;
+        let range = p * per..((p + 1) * per).min(units);
+        // SAFETY: each task writes the columns of its own units only.
+        unsafe { lin.run(x, m, ptr.0, epi, range) };
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_matches_the_definition() {
+        let h = 37;
+        let x: Vec<f32> = (0..3 * h)
+            .map(|i| ((i * 7919) % 101) as f32 / 10.0 - 5.0)
+            .collect();
+        let norm = Norm {
+            gamma: (0..h).map(|i| 1.0 + i as f32 / 100.0).collect(),
+            beta: (0..h).map(|i| i as f32 / 50.0).collect(),
+            eps: 1e-12,
+        };
+        let mut out = vec![0f32; x.len()];
+        norm.rows(&x, &mut out);
+        for r in 0..3 {
+            let row = &x[r * h..(r + 1) * h];
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
+            for c in 0..h {
+                let want = (row[c] as f64 - mean) / var.sqrt() * norm.gamma[c] as f64
+                    + norm.beta[c] as f64;
+                let got = out[r * h + c] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "row {r} col {c}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_only_when_every_thread_gets_several() {
+        assert_eq!(block_rows(10, 2), None);
+        assert_eq!(block_rows(47, 2), None);
+        let b = block_rows(600, 2).unwrap();
+        assert!(b.is_multiple_of(12) && 600usize.div_ceil(b) >= 6, "{b}");
+        assert_eq!(block_rows(100_000, 2), Some(96));
+    }
+}

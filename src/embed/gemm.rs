@@ -1,0 +1,508 @@
+//! f32 linear layers for the CPU: weights packed once at load into column panels of the
+//! micro-kernel's width, and the bias, GELU and residual applied in the kernel's epilogue
+//! while the tile is still in registers.
+//!
+//! `y = x Wᵀ + b`, `W` is `(n, k)` (PyTorch's `Linear.weight`). A panel holds `nr`
+//! consecutive output channels, `k` rows of `nr` floats (`[panel][k][nr]`), zero-padded
+//! past `n`, so one aligned load per `k` step feeds the tile. The activation is read in
+//! place (row-major `(m, k)`), broadcasting one value per row and step.
+//!
+//! Kernels, chosen at load by what the processor has: AVX-512F (12 rows × 32 columns, 24
+//! accumulators), AVX2+FMA (6 rows × 16 columns, 12 accumulators), and a portable loop
+//! (correct, slow) for anything else. Callers split work by rows (`run` on a row block)
+//! or by panels (the `units` range), never inside a tile, so the kernels are sequential
+//! and a thread pool's work stealing balances them (see `cpu`).
+
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use rayon::prelude::*;
+
+use super::ops::SendPtr;
+
+/// What follows the matmul, per output element.
+pub enum Epilogue<'a> {
+    /// `+ bias`
+    Bias,
+    /// `gelu(· + bias)`, the exact (erf) form.
+    BiasGelu,
+    /// `· + bias + residual`, the residual in the output's layout (row stride `n`).
+    BiasResidual(&'a [f32]),
+}
+
+impl Epilogue<'_> {
+    fn parts(&self) -> (bool, *const f32) {
+        match self {
+            Epilogue::Bias => (false, std::ptr::null()),
+            Epilogue::BiasGelu => (true, std::ptr::null()),
+            Epilogue::BiasResidual(r) => (false, r.as_ptr()),
+        }
+    }
+}
+
+/// A CPU linear layer that runs on a block of rows and a range of its column units
+/// (panels), sequentially: the unit of work the forward pass schedules.
+pub trait RowLinear: Sync {
+    fn n(&self) -> usize;
+    fn k(&self) -> usize;
+    /// Column units (panels or blocks) the output can be split into.
+    fn units(&self) -> usize;
+    /// `out[r][c] = epi(Σ x[r][·] W[c][·])` for rows `0..m` and the columns of `units`.
+    ///
+    /// # Safety
+    /// `x` holds `m` rows of `k`; `out` points at `m` rows of `n` floats (and a residual,
+    /// if any, has as many); only the columns of `units` are written.
+    unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// The best kernel family this processor runs (detected once).
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+pub struct PackedLinear {
+    n: usize,
+    k: usize,
+    nr: usize,
+    panels: usize,
+    isa: Isa,
+    packed: Vec<f32>,
+    /// Padded to `panels * nr`.
+    bias: Vec<f32>,
+}
+
+impl PackedLinear {
+    /// `weight` is `(n, k)` row-major, `bias` has `n` values.
+    pub fn new(weight: &[f32], bias: &[f32], n: usize, k: usize) -> Self {
+        Self::with_isa(weight, bias, n, k, isa())
+    }
+
+    pub fn with_isa(weight: &[f32], bias: &[f32], n: usize, k: usize, isa: Isa) -> Self {
+        assert_eq!(weight.len(), n * k, "weight shape");
+        assert_eq!(bias.len(), n, "bias shape");
+        let nr = if isa == Isa::Avx512 { 32 } else { 16 };
+        let panels = n.div_ceil(nr);
+        let mut packed = vec![0f32; panels * k * nr];
+        for c in 0..n {
+            let (p, lane) = (c / nr, c % nr);
+            for (t, &w) in weight[c * k..(c + 1) * k].iter().enumerate() {
+                packed[(p * k + t) * nr + lane] = w;
+            }
+        }
+        let mut b = vec![0f32; panels * nr];
+        b[..n].copy_from_slice(bias);
+        Self {
+            n,
+            k,
+            nr,
+            panels,
+            isa,
+            packed,
+            bias: b,
+        }
+    }
+
+    /// The whole product, split over the thread pool (the padded candle pass uses it).
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        par_forward(self, x, m, &Epilogue::Bias)
+    }
+}
+
+/// Rows per micro-tile for each kernel.
+const MR_512: usize = 12;
+const MR_256: usize = 6;
+
+impl RowLinear for PackedLinear {
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn units(&self) -> usize {
+        self.panels
+    }
+
+    unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
+        debug_assert!(x.len() >= m * self.k && units.end <= self.panels);
+        let (gelu, res) = epi.parts();
+        let (k, n, nr) = (self.k, self.n, self.nr);
+        for p in units {
+            let c0 = p * nr;
+            let valid = (n - c0).min(nr);
+            let w = self.packed.as_ptr().add(p * k * nr);
+            let bias = self.bias.as_ptr().add(c0);
+            let mr = match self.isa {
+                Isa::Avx512 => MR_512,
+                Isa::Avx2 => MR_256,
+                Isa::Portable => 4,
+            };
+            let mut r = 0;
+            while r < m {
+                let rows = mr.min(m - r);
+                let t = Tile {
+                    a: x.as_ptr().add(r * k),
+                    k,
+                    w,
+                    out: out.add(r * n + c0),
+                    n,
+                    valid,
+                    bias,
+                    res: if res.is_null() {
+                        res
+                    } else {
+                        res.add(r * n + c0)
+                    },
+                    gelu,
+                };
+                match self.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => x86::tile512(rows, &t),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => x86::tile256(rows, &t),
+                    _ => tile_portable(rows, nr, &t),
+                }
+                r += rows;
+            }
+        }
+    }
+}
+
+/// One micro-tile's operands: `rows` rows of `a` (stride `k`) times one panel `w`, into
+/// `out` (stride `n`), `valid` of the panel's columns.
+struct Tile {
+    a: *const f32,
+    k: usize,
+    w: *const f32,
+    out: *mut f32,
+    n: usize,
+    valid: usize,
+    bias: *const f32,
+    res: *const f32,
+    gelu: bool,
+}
+
+/// # Safety
+/// As [`RowLinear::run`], for the tile's rows and panel.
+unsafe fn tile_portable(rows: usize, nr: usize, t: &Tile) {
+    for i in 0..rows {
+        for j in 0..t.valid {
+            let mut s = 0f32;
+            for kk in 0..t.k {
+                s += *t.a.add(i * t.k + kk) * *t.w.add(kk * nr + j);
+            }
+            let mut y = s + *t.bias.add(j);
+            if t.gelu {
+                y = super::ops::gelu(y);
+            }
+            if !t.res.is_null() {
+                y += *t.res.add(i * t.n + j);
+            }
+            *t.out.add(i * t.n + j) = y;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use super::Tile;
+    use std::arch::x86_64::*;
+
+    /// GELU (erf form) on 16 lanes, the rational erf of `ops::erf`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn gelu512(x: __m512) -> __m512 {
+        let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let z = _mm512_max_ps(_mm512_set1_ps(-4.0), _mm512_min_ps(z, _mm512_set1_ps(4.0)));
+        let z2 = _mm512_mul_ps(z, z);
+        let mut p = _mm512_set1_ps(-2.726_142_3e-10);
+        for c in [
+            2.770_681_4e-8,
+            -2.101_024e-6,
+            -5.692_506_4e-5,
+            -7.349_906_3e-4,
+            -2.9546e-3,
+            -1.609_603_3e-2,
+        ] {
+            p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(c));
+        }
+        let mut q = _mm512_set1_ps(-1.456_607_2e-5);
+        for c in [-2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2] {
+            q = _mm512_fmadd_ps(q, z2, _mm512_set1_ps(c));
+        }
+        let erf = _mm512_div_ps(_mm512_mul_ps(z, p), q);
+        let half_x = _mm512_mul_ps(x, _mm512_set1_ps(0.5));
+        _mm512_fmadd_ps(half_x, erf, half_x)
+    }
+
+    pub(super) unsafe fn tile512(rows: usize, t: &Tile) {
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => k512::<$r>(t),)*
+                    _ => unreachable!("tile rows"),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn k512<const R: usize>(t: &Tile) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let (a, w, k) = (t.a, t.w, t.k);
+        for kk in 0..k {
+            let b0 = _mm512_loadu_ps(w.add(kk * 32));
+            let b1 = _mm512_loadu_ps(w.add(kk * 32 + 16));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(i * k + kk));
+                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+            }
+        }
+        // Constant indices only: a register array indexed by a loop variable would be
+        // kept in memory, with a store of every accumulator in every `k` step.
+        let m0 = ((1u32 << t.valid.min(16)) - 1) as u16;
+        let m1 = ((1u64 << t.valid.saturating_sub(16)) - 1) as u16;
+        let (b0, b1) = (_mm512_loadu_ps(t.bias), _mm512_loadu_ps(t.bias.add(16)));
+        for (i, row) in acc.iter().enumerate() {
+            finish512(t, i * t.n, m0, row[0], b0);
+            if m1 != 0 {
+                finish512(t, i * t.n + 16, m1, row[1], b1);
+            }
+        }
+    }
+
+    /// Bias, GELU, residual and the masked store of 16 outputs at `out + at`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish512(t: &Tile, at: usize, mask: u16, acc: __m512, bias: __m512) {
+        let mut y = _mm512_add_ps(acc, bias);
+        if t.gelu {
+            y = gelu512(y);
+        }
+        if !t.res.is_null() {
+            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, t.res.add(at)));
+        }
+        _mm512_mask_storeu_ps(t.out.add(at), mask, y);
+    }
+
+    pub(super) unsafe fn tile256(rows: usize, t: &Tile) {
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => k256::<$r>(t),)*
+                    _ => unreachable!("tile rows"),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn k256<const R: usize>(t: &Tile) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let (a, w, k) = (t.a, t.w, t.k);
+        for kk in 0..k {
+            let b0 = _mm256_loadu_ps(w.add(kk * 16));
+            let b1 = _mm256_loadu_ps(w.add(kk * 16 + 8));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(*a.add(i * k + kk));
+                row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+            }
+        }
+        let mut buf = [0f32; 16];
+        for (i, &[lo, hi]) in acc.iter().enumerate() {
+            _mm256_storeu_ps(buf.as_mut_ptr(), lo);
+            _mm256_storeu_ps(buf.as_mut_ptr().add(8), hi);
+            for (j, v) in buf.iter().enumerate().take(t.valid) {
+                let mut y = v + *t.bias.add(j);
+                if t.gelu {
+                    y = super::super::ops::gelu(y);
+                }
+                let at = i * t.n + j;
+                if !t.res.is_null() {
+                    y += *t.res.add(at);
+                }
+                *t.out.add(at) = y;
+            }
+        }
+    }
+}
+
+/// Rows per task when a whole product is split over the pool.
+const PAR_ROWS: usize = 48;
+
+/// `epi(x Wᵀ)` for all `m` rows, split into row blocks and column units so that every
+/// thread has several tasks.
+pub fn par_forward(lin: &dyn RowLinear, x: &[f32], m: usize, epi: &Epilogue) -> Vec<f32> {
+    assert_eq!(x.len(), m * lin.k(), "input shape");
+    let n = lin.n();
+    let mut out = vec![0f32; m * n];
+    let threads = rayon::current_num_threads().max(1);
+    let row_blocks = m.div_ceil(PAR_ROWS).max(1);
+    let parts = (4 * threads).div_ceil(row_blocks).clamp(1, lin.units());
+    let per = lin.units().div_ceil(parts);
+    let ptr = SendPtr(out.as_mut_ptr());
+    (0..row_blocks * parts).into_par_iter().for_each(|t| {
+        let (rb, part) = (t / parts, t % parts);
+        let r0 = rb * PAR_ROWS;
+        let rows = PAR_ROWS.min(m.saturating_sub(r0));
+        let units = part * per..((part + 1) * per).min(lin.units());
+        if rows == 0 || units.is_empty() {
+            return;
+        }
+        let ptr = &ptr;
+        let epi = match epi {
+            Epilogue::BiasResidual(r) => Epilogue::BiasResidual(&r[r0 * n..]),
+            Epilogue::Bias => Epilogue::Bias,
+            Epilogue::BiasGelu => Epilogue::BiasGelu,
+        };
+        // SAFETY: tasks write disjoint (row block, column units) parts of `out`.
+        unsafe { lin.run(&x[r0 * lin.k()..], rows, ptr.0.add(r0 * n), &epi, units) };
+    });
+    out
+}
+
+/// candle op for a [`RowLinear`]: `x (.., k)` f32 contiguous on CPU → `(.., n)`.
+pub(crate) fn cpu_fwd_linear(
+    lin: &dyn RowLinear,
+    name: &str,
+    storage: &CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = super::ops::contiguous_f32(name, storage, layout)?;
+    let dims = layout.shape().dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("{name}: scalar input");
+    };
+    if k != lin.k() {
+        candle_core::bail!("{name}: input has {k} features, layer wants {}", lin.k());
+    }
+    let m: usize = lead.iter().product();
+    let y = par_forward(lin, x, m, &Epilogue::Bias);
+    let mut out_dims = lead.to_vec();
+    out_dims.push(lin.n());
+    Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+}
+
+impl CustomOp1 for PackedLinear {
+    fn name(&self) -> &'static str {
+        "streambed-f32-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_fwd_linear(self, self.name(), storage, layout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn reference(x: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for c in 0..n {
+                let mut s = b[c] as f64;
+                for t in 0..k {
+                    s += x[i * k + t] as f64 * w[c * k + t] as f64;
+                }
+                y[i * n + c] = s;
+            }
+        }
+        y
+    }
+
+    fn gelu64(x: f64) -> f64 {
+        // erf by its series, enough terms for |x| < 6.
+        let z = x / std::f64::consts::SQRT_2;
+        let erf = if z.abs() > 4.5 {
+            z.signum()
+        } else {
+            let (mut term, mut sum) = (z, z);
+            for i in 1..120 {
+                term *= -z * z / i as f64;
+                sum += term / (2 * i + 1) as f64;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        };
+        0.5 * x * (1.0 + erf)
+    }
+
+    /// Every kernel this processor has, odd shapes (rows past a tile, columns past a
+    /// panel), each epilogue, against an f64 reference.
+    #[test]
+    fn every_kernel_and_epilogue_matches_f64() {
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+        }
+        for &isa in &isas {
+            for &(m, n, k) in &[(1, 16, 4), (13, 50, 37), (70, 131, 96), (25, 384, 384)] {
+                let mut seed = (m * 1000 + n * 10 + k) as u64;
+                let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+                let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed) * 0.2).collect();
+                let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+                let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+                let lin = PackedLinear::with_isa(&w, &b, n, k, isa);
+                let want = reference(&x, &w, &b, m, n, k);
+                for epi in [
+                    Epilogue::Bias,
+                    Epilogue::BiasGelu,
+                    Epilogue::BiasResidual(&res),
+                ] {
+                    let got = par_forward(&lin, &x, m, &epi);
+                    for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                        let r = match epi {
+                            Epilogue::Bias => r,
+                            Epilogue::BiasGelu => gelu64(r),
+                            Epilogue::BiasResidual(res) => r + res[i] as f64,
+                        };
+                        assert!(
+                            (g as f64 - r).abs() < 1e-4 * r.abs().max(1.0),
+                            "{isa:?} {m}x{n}x{k} at {i}: {g} vs {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
