@@ -42,12 +42,11 @@ impl PackedAttention<'_> {
             .iter()
             .flat_map(|&(off, len)| (0..self.heads).map(move |h| (off, len, h)))
             .collect();
-        tasks.par_iter().for_each(|&(off, len, head)| {
+        tasks.par_iter().for_each_init(Scratch::default, |scratch, &(off, len, head)| {
             let ptr = &ptr;
-            let mut scores = vec![0f32; len];
             // SAFETY: each task writes rows off..off+len, columns of `head` only; the
             // spans do not overlap and lie inside `out`.
-            unsafe { attend(self, qkv, (off, len, head), &mut scores, ptr.0) };
+            unsafe { attend(self, qkv, (off, len, head), scratch, ptr.0) };
         });
     }
 }
@@ -60,14 +59,16 @@ unsafe fn attend(
     op: &PackedAttention,
     qkv: &[f32],
     task: (usize, usize, usize),
-    scores: &mut [f32],
+    scratch: &mut Scratch,
     out: *mut f32,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        return attend_avx512(op, qkv, task, scores, out);
+    match super::gemm::isa() {
+        super::gemm::Isa::Avx512 => return attend_avx512(op, qkv, task, scratch, out),
+        super::gemm::Isa::Avx2 => return attend_avx2(op, qkv, task, scratch, out),
+        super::gemm::Isa::Portable => {}
     }
-    attend_loop(op, qkv, task, scores, out)
+    attend_loop(op, qkv, task, scratch, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -76,30 +77,52 @@ unsafe fn attend_avx512(
     op: &PackedAttention,
     qkv: &[f32],
     task: (usize, usize, usize),
-    scores: &mut [f32],
+    scratch: &mut Scratch,
     out: *mut f32,
 ) {
-    attend_loop(op, qkv, task, scores, out)
+    attend_loop(op, qkv, task, scratch, out)
 }
 
-/// Sum of products in 16 independent lanes, so the compiler can vectorise it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    op: &PackedAttention,
+    qkv: &[f32],
+    task: (usize, usize, usize),
+    scratch: &mut Scratch,
+    out: *mut f32,
+) {
+    attend_loop(op, qkv, task, scratch, out)
+}
+
+/// e^x for x ≤ 0 (softmax after subtracting the max), without a libm call so the loop
+/// vectorises: x = n·ln2 + r, e^r by a degree-6 polynomial on |r| ≤ ln2/2, 2^n by the
+/// exponent bits. Relative error below 1e-6; below -87 it returns e^-87.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = a.len() / 16 * 16;
-    for (ca, cb) in a[..chunks]
-        .chunks_exact(16)
-        .zip(b[..chunks].chunks_exact(16))
-    {
-        for l in 0..16 {
-            acc[l] += ca[l] * cb[l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in a[chunks..].iter().zip(&b[chunks..]) {
-        s += x * y;
-    }
-    s
+fn exp_neg(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    // n = round(x / ln 2), from the non-negative side so truncation rounds.
+    // SAFETY: the value lies in [0.5, 126], inside i32 (and truncation then vectorises).
+    let n = -(unsafe { ((-x) * std::f32::consts::LOG2_E + 0.5).to_int_unchecked::<i32>() }) as f32;
+    // r = x - n ln 2 in two parts (Cody-Waite), exact enough for n down to -126.
+    let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
+    let mut p = 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // SAFETY: n is a whole number in [-126, 0].
+    p * f32::from_bits(((unsafe { n.to_int_unchecked::<i32>() } + 127) as u32) << 23)
+}
+
+/// Scratch of one attention task: the sentence's keys transposed (`head_dim` rows of
+/// `len` rounded up to 16) and one row of scores.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    kt: Vec<f32>,
+    scores: Vec<f32>,
 }
 
 #[inline(always)]
@@ -107,9 +130,14 @@ unsafe fn attend_loop(
     op: &PackedAttention,
     qkv: &[f32],
     (off, len, head): (usize, usize, usize),
-    scores: &mut [f32],
+    scratch: &mut Scratch,
     out: *mut f32,
 ) {
+    match op.head_dim {
+        32 => return attend_fixed::<32>(op, qkv, (off, len, head), scratch, out),
+        64 => return attend_fixed::<64>(op, qkv, (off, len, head), scratch, out),
+        _ => {}
+    }
     let d = op.head_dim;
     let hidden = op.heads * d;
     let row = 3 * hidden;
@@ -118,28 +146,119 @@ unsafe fn attend_loop(
         let s = (off + t) * row + part * hidden + head * d;
         &qkv[s..s + d]
     };
-    for i in 0..len {
-        let q = at(i, 0);
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            *s = dot(q, at(j, 1)) * scale;
-            max = max.max(*s);
+    // Kᵀ, so a query's scores against 16 keys are one vector FMA per dimension.
+    let lp = len.div_ceil(16) * 16;
+    scratch.kt.clear();
+    scratch.kt.resize(d * lp, 0.0);
+    for j in 0..len {
+        for (t, &v) in at(j, 1).iter().enumerate() {
+            scratch.kt[t * lp + j] = v;
         }
+    }
+    scratch.scores.resize(lp, 0.0);
+    let scores = &mut scratch.scores[..lp];
+    for i in 0..len {
+        scores.fill(0.0);
+        for (t, &q) in at(i, 0).iter().enumerate() {
+            let q = q * scale;
+            for (s, &k) in scores.iter_mut().zip(&scratch.kt[t * lp..(t + 1) * lp]) {
+                *s += q * k;
+            }
+        }
+        let live = &mut scores[..len];
+        let max = max16(live);
         let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
+        for s in live.iter_mut() {
+            *s = exp_neg(*s - max);
             sum += *s;
         }
         let inv = 1.0 / sum;
         let o = std::slice::from_raw_parts_mut(out.add((off + i) * hidden + head * d), d);
         o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
+        for (j, &p) in live.iter().enumerate() {
             let w = p * inv;
             for (x, v) in o.iter_mut().zip(at(j, 2)) {
                 *x += w * v;
             }
         }
     }
+}
+
+/// [`attend_loop`] for a head size known at compile time (BERT's 64, MiniLM's and
+/// e5-small's 32): a query's 16 scores and its output row stay in registers. Keys are
+/// stored 16 at a time, `[key block][dim][16]`.
+#[inline(always)]
+unsafe fn attend_fixed<const D: usize>(
+    op: &PackedAttention,
+    qkv: &[f32],
+    (off, len, head): (usize, usize, usize),
+    scratch: &mut Scratch,
+    out: *mut f32,
+) {
+    let hidden = op.heads * D;
+    let row = 3 * hidden;
+    let scale = 1.0 / (D as f32).sqrt();
+    let at = |t: usize, part: usize| -> &[f32; D] {
+        let s = (off + t) * row + part * hidden + head * D;
+        qkv[s..s + D].try_into().expect("head slice")
+    };
+    let blocks = len.div_ceil(16);
+    let lp = blocks * 16;
+    scratch.kt.clear();
+    scratch.kt.resize(blocks * D * 16, 0.0);
+    for j in 0..len {
+        let (b, l) = (j / 16, j % 16);
+        for (t, &v) in at(j, 1).iter().enumerate() {
+            scratch.kt[(b * D + t) * 16 + l] = v;
+        }
+    }
+    scratch.scores.resize(lp, 0.0);
+    for i in 0..len {
+        let mut q = *at(i, 0);
+        for v in q.iter_mut() {
+            *v *= scale;
+        }
+        for (b, s) in scratch.scores.chunks_exact_mut(16).enumerate() {
+            let kb = &scratch.kt[b * D * 16..(b + 1) * D * 16];
+            let mut acc = [0f32; 16];
+            for (t, &qv) in q.iter().enumerate() {
+                for l in 0..16 {
+                    acc[l] += qv * kb[t * 16 + l];
+                }
+            }
+            s.copy_from_slice(&acc);
+        }
+        let live = &mut scratch.scores[..len];
+        let max = max16(live);
+        let mut sum = 0f32;
+        for s in live.iter_mut() {
+            *s = exp_neg(*s - max);
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        let mut o = [0f32; D];
+        for (j, &p) in live.iter().enumerate() {
+            let w = p * inv;
+            for (x, v) in o.iter_mut().zip(at(j, 2)) {
+                *x += w * v;
+            }
+        }
+        std::ptr::copy_nonoverlapping(o.as_ptr(), out.add((off + i) * hidden + head * D), D);
+    }
+}
+
+/// The largest value, in 16 lanes so it vectorises.
+#[inline(always)]
+fn max16(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let whole = x.len() / 16 * 16;
+    for c in x[..whole].chunks_exact(16) {
+        for l in 0..16 {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    let tail = x[whole..].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    m.iter().fold(tail, |a, &b| a.max(b))
 }
 
 impl CustomOp1 for PackedAttention<'_> {
@@ -174,13 +293,33 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    #[test]
+    fn exp_matches_libm_below_zero() {
+        let mut worst = 0f32;
+        for i in 0..=87_000 {
+            let x = -(i as f32) / 1000.0;
+            let (got, want) = (exp_neg(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2e-6, "relative error {worst}");
+        assert_eq!(exp_neg(-1000.0), exp_neg(-87.0));
+        assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
+    }
+
     /// Against candle's padded attention for each sequence on its own.
     #[test]
     fn matches_dense_attention_per_sequence() {
-        let (heads, d) = (3, 20);
+        // Head sizes of the dynamic path and both fixed ones; a sentence past one block
+        // of 16 keys.
+        for (heads, d) in [(3, 20), (2, 32), (2, 64)] {
+            check_attention(heads, d);
+        }
+    }
+
+    fn check_attention(heads: usize, d: usize) {
         let hidden = heads * d;
-        let spans = [(0, 5), (5, 1), (6, 9)];
-        let tokens = 15;
+        let spans = [(0, 5), (5, 1), (6, 40)];
+        let tokens = 46;
         let mut seed = 11u64;
         let qkv: Vec<f32> = (0..tokens * 3 * hidden)
             .map(|_| {
