@@ -33,7 +33,7 @@ impl Norm {
     #[inline(always)]
     fn row(&self, x: &[f32], out: &mut [f32]) {
         let h = x.len() as f32;
-        let mean = sum16(x) / h;
+        let mean = super::ops::sum16(x) / h;
         let mut var = [0f32; 16];
         let whole = x.len() / 16 * 16;
         for c in x[..whole].chunks_exact(16) {
@@ -77,18 +77,6 @@ impl Norm {
     }
 }
 
-#[inline(always)]
-fn sum16(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let whole = x.len() / 16 * 16;
-    for c in x[..whole].chunks_exact(16) {
-        for l in 0..16 {
-            acc[l] += c[l];
-        }
-    }
-    acc.iter().sum::<f32>() + x[whole..].iter().sum::<f32>()
-}
-
 /// One encoder layer's parts, borrowed from the model.
 pub struct CpuLayer<'a> {
     pub qkv: &'a dyn RowLinear,
@@ -100,6 +88,8 @@ pub struct CpuLayer<'a> {
 }
 
 thread_local! {
+    /// The Q/K/V and context rows of the pass in progress on this thread.
+    static PASS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     /// A thread's row-block intermediates: `(rows, hidden)` and `(rows, intermediate)`.
     static BLOCK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -131,8 +121,11 @@ pub fn encode(
     };
     let tokens = x.len() / hidden;
     let threads = rayon::current_num_threads().max(1);
-    let mut qkv = vec![0f32; tokens * 3 * hidden];
-    let mut ctx = vec![0f32; tokens * hidden];
+    // Reused across batches (fresh pages cost a fault each). Taken out of the cell, not
+    // borrowed: a query cut in at `between` runs a nested `encode` on this thread.
+    let (mut qkv, mut ctx) = PASS.with(|c| c.take());
+    qkv.resize(tokens * 3 * hidden, 0.0);
+    ctx.resize(tokens * hidden, 0.0);
     linear_all(first.qkv, x, tokens, &mut qkv, &Epilogue::Bias, threads);
     for (i, layer) in layers.iter().enumerate() {
         attention(&qkv, &mut ctx);
@@ -180,7 +173,15 @@ pub fn encode(
         }
         between();
     }
+    // Kept only up to a typical batch's size: a rare long batch must not hold its
+    // buffers for the life of the worker (the backlog memory bound, docs/PERFORMANCE.md).
+    if qkv.capacity() <= KEEP_FLOATS {
+        PASS.with(|c| c.replace((qkv, ctx)));
+    }
 }
+
+/// 16 MiB of Q/K/V rows (BERT-base: ~2,700 tokens).
+const KEEP_FLOATS: usize = 4 << 20;
 
 /// Everything of a layer after attention, for `m` rows: `x = LN(ctx Wₒ + b + x)`,
 /// `x = LN(gelu(x W₁ + b₁) W₂ + b₂ + x)`, then the next layer's `qkv = x W_qkv + b`.

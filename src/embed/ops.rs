@@ -67,6 +67,19 @@ pub fn gelu_erf_f32(x: &[f32], out: &mut [f32]) {
     gelu_loop(x, out)
 }
 
+/// The sum, in 16 lanes so it vectorises (a float sum in one lane is a serial chain).
+#[inline(always)]
+pub(crate) fn sum16(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let whole = x.len() / 16 * 16;
+    for c in x[..whole].chunks_exact(16) {
+        for l in 0..16 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + x[whole..].iter().sum::<f32>()
+}
+
 /// An output buffer handed to a thread pool's tasks, each of which writes a disjoint part
 /// of it (the users say which, at each `unsafe` write).
 pub(crate) struct SendPtr(pub *mut f32);
