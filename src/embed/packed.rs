@@ -42,12 +42,14 @@ impl PackedAttention<'_> {
             .iter()
             .flat_map(|&(off, len)| (0..self.heads).map(move |h| (off, len, h)))
             .collect();
-        tasks.par_iter().for_each_init(Scratch::default, |scratch, &(off, len, head)| {
-            let ptr = &ptr;
-            // SAFETY: each task writes rows off..off+len, columns of `head` only; the
-            // spans do not overlap and lie inside `out`.
-            unsafe { attend(self, qkv, (off, len, head), scratch, ptr.0) };
-        });
+        tasks
+            .par_iter()
+            .for_each_init(Scratch::default, |scratch, &(off, len, head)| {
+                let ptr = &ptr;
+                // SAFETY: each task writes rows off..off+len, columns of `head` only; the
+                // spans do not overlap and lie inside `out`.
+                unsafe { attend(self, qkv, (off, len, head), scratch, ptr.0) };
+            });
     }
 }
 
