@@ -105,8 +105,10 @@ impl QLinear {
 
     /// Per-row scales and the rows as `round(x / s) + 128`, padded with 128 (zero) to `kp`.
     fn quantize_rows(&self, x: &[f32], m: usize, qa: &mut Vec<u8>, sa: &mut Vec<f32>) {
-        qa.clear();
-        qa.resize(m * self.kp, 128);
+        // Grown, never cleared: every byte of the rows in use is written below.
+        if qa.len() < m * self.kp {
+            qa.resize(m * self.kp, 128);
+        }
         sa.clear();
         sa.resize(m, 1.0);
         for ((q, s), row) in qa
@@ -114,7 +116,8 @@ impl QLinear {
             .zip(sa.iter_mut())
             .zip(x.chunks(self.k).take(m))
         {
-            quantize_row(row, q, s);
+            q[self.k..].fill(128);
+            quantize_row(row, &mut q[..self.k], s);
         }
     }
 
@@ -241,6 +244,7 @@ unsafe fn quantize_row_avx512(row: &[f32], q: &mut [u8], s: &mut f32) {
         .iter()
         .fold(_mm512_reduce_max_ps(vmax), |m, v| m.max(v.abs()));
     if amax == 0.0 || !amax.is_finite() {
+        q.fill(128);
         *s = 1.0;
         return;
     }
@@ -264,7 +268,8 @@ unsafe fn quantize_row_avx512(row: &[f32], q: &mut [u8], s: &mut f32) {
 fn quantize_row_loop(row: &[f32], q: &mut [u8], s: &mut f32) {
     let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 || !amax.is_finite() {
-        // All zeros (or a NaN/inf row, which would poison the scale): leave zeros.
+        // All zeros (or a NaN/inf row, which would poison the scale): zeros (128).
+        q.fill(128);
         *s = 1.0;
         return;
     }
@@ -488,5 +493,13 @@ mod tests {
         let q = QLinear::new(&[0.5; 32], &[1.0, -2.0], 2, 16);
         let y = q.forward(&[0.0; 16], 1);
         assert_eq!(y, vec![1.0, -2.0]);
+        // Also right after other rows on this thread (the quantized-row buffer is reused
+        // without clearing), and for a row that is not finite.
+        let mut out = [0f32; 2];
+        for x in [[3.0f32; 16], [0.0; 16], [f32::NAN; 16], [0.0; 16]] {
+            // SAFETY: one row of 16 in, one row of 2 out.
+            unsafe { q.run(&x, 1, out.as_mut_ptr(), &Epilogue::Bias, 0..q.units()) };
+        }
+        assert_eq!(out, [1.0, -2.0]);
     }
 }
