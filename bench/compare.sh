@@ -10,6 +10,7 @@
 # Engines run in interleaved rounds (the machines drift); the summary gives each figure's
 # median over the rounds and the median of the same-round ratios.
 #   PYTHON=$(bench/setup-reference.sh) bench/compare.sh [N_SENTENCES] [BATCH] [ROUNDS]
+# MODELS="multilingual-e5-small" limits the models; STREAMBED_BIN=path times another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1024}
@@ -17,7 +18,7 @@ B=${2:-32}
 ROUNDS=${3:-3}
 THREADS=${THREADS:-$(nproc)}
 PY=${PYTHON:-.tools/bench-venv/bin/python}
-BIN=target/release/streambed
+BIN=${STREAMBED_BIN:-target/release/streambed}
 DATA=datasets/korsts/sts-dev.tsv
 MODELS=${MODELS:-"multilingual-e5-small klue-bert-base-random"}
 [ -x "$BIN" ] || cargo build --release --locked

@@ -348,9 +348,12 @@ fn unchanged_documents_are_skipped_on_reruns_and_replays() {
         second.contains("unchanged=400") && second.contains("embedded=0"),
         "{second}"
     );
+    // The rerun is start-up and store reads only. The bound is 2x, not more: the first
+    // run's embedding time shrinks whenever the encoder gets faster (session 7: 8.3 s
+    // against 2.8 s, of which ~2 s is loading the model either way).
     assert!(
-        t1 > 3.0 * t2,
-        "a rerun of unchanged data is several times faster"
+        t1 > 2.0 * t2,
+        "a rerun of unchanged data is faster: {t1:.1} s vs {t2:.1} s"
     );
 
     // The same documents through a topic, twice: the second group embeds nothing.

@@ -37,21 +37,35 @@ impl PackedAttention<'_> {
             "attention spans past the rows"
         );
         let ptr = SendPtr(out.as_mut_ptr());
-        let tasks: Vec<(usize, usize, usize)> = self
+        // A short sentence is one task for all its heads: its Q/K/V rows come in from
+        // L3 once and stay in L2 for the other heads (per-head tasks re-fetched them
+        // with a 3·hidden stride each time). A long one is a task per head, so one long
+        // sentence still spreads over the pool.
+        let tasks: Vec<(usize, usize, std::ops::Range<usize>)> = self
             .spans
             .iter()
-            .flat_map(|&(off, len)| (0..self.heads).map(move |h| (off, len, h)))
+            .flat_map(|&(off, len)| {
+                let per = if len <= WHOLE_SENTENCE { self.heads } else { 1 };
+                (0..self.heads)
+                    .step_by(per)
+                    .map(move |h| (off, len, h..(h + per).min(self.heads)))
+            })
             .collect();
         tasks
             .par_iter()
-            .for_each_init(Scratch::default, |scratch, &(off, len, head)| {
+            .for_each_init(Scratch::default, |scratch, (off, len, heads)| {
                 let ptr = &ptr;
-                // SAFETY: each task writes rows off..off+len, columns of `head` only; the
-                // spans do not overlap and lie inside `out`.
-                unsafe { attend(self, qkv, (off, len, head), scratch, ptr.0) };
+                for head in heads.clone() {
+                    // SAFETY: each task writes rows off..off+len, columns of its heads
+                    // only; the spans do not overlap and lie inside `out`.
+                    unsafe { attend(self, qkv, (*off, *len, head), scratch, ptr.0) };
+                }
             });
     }
 }
+
+/// Sentences up to this many tokens are one attention task for all heads.
+const WHOLE_SENTENCE: usize = 128;
 
 /// One sentence (`off`, `len`) and one head.
 ///
@@ -313,7 +327,7 @@ mod tests {
     /// Against candle's padded attention for each sequence on its own.
     #[test]
     fn matches_dense_attention_per_sequence() {
-        // Head sizes of the dynamic path and both fixed ones; a sentence past one block
+        // Head sizes of the dynamic path and both fixed ones; sentences past one block
         // of 16 keys.
         for (heads, d) in [(3, 20), (2, 32), (2, 64)] {
             check_attention(heads, d);
@@ -322,8 +336,9 @@ mod tests {
 
     fn check_attention(heads: usize, d: usize) {
         let hidden = heads * d;
-        let spans = [(0, 5), (5, 1), (6, 40)];
-        let tokens = 46;
+        // The last is past WHOLE_SENTENCE: a task per head.
+        let spans = [(0, 5), (5, 1), (6, 40), (46, WHOLE_SENTENCE + 2)];
+        let tokens = 46 + WHOLE_SENTENCE + 2;
         let mut seed = 11u64;
         let qkv: Vec<f32> = (0..tokens * 3 * hidden)
             .map(|_| {
