@@ -5,7 +5,8 @@
 //! Everything in a layer but attention is row-local: the output projection, its residual
 //! and LayerNorm, the feed-forward pair and its LayerNorm, and the next layer's Q/K/V
 //! projection only read the same token's row. So a layer is (1) attention, in tasks per
-//! sentence and head, then (2) one task per block of rows that runs all of the rest for
+//! sentence (per head for long ones, see `packed`), then (2) one task per block of rows
+//! that runs all of the rest for
 //! its rows, with its intermediates in the thread's own buffers (still in cache for the
 //! next matmul). The pool's work stealing balances the blocks, so that a core taken away by
 //! another process (the Kafka client, a neighbour on a shared VM) can slow the pass by its
