@@ -6,9 +6,8 @@
 //! and LayerNorm, the feed-forward pair and its LayerNorm, and the next layer's Q/K/V
 //! projection only read the same token's row. So a layer is (1) attention, in tasks per
 //! sentence (per head for long ones, see `packed`), then (2) one task per block of rows
-//! that runs all of the rest for
-//! its rows, with its intermediates in the thread's own buffers (still in cache for the
-//! next matmul). The pool's work stealing balances the blocks, so that a core taken away by
+//! that runs all of the rest for its rows, with its intermediates in the thread's own
+//! buffers (still in cache for the next matmul). The pool's work stealing balances the blocks, so that a core taken away by
 //! another process (the Kafka client, a neighbour on a shared VM) can slow the pass by its
 //! share instead of stalling every barrier of a per-op schedule.
 //!
