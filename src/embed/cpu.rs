@@ -7,9 +7,10 @@
 //! projection only read the same token's row. So a layer is (1) attention, in tasks per
 //! sentence (per head for long ones, see `packed`), then (2) one task per block of rows
 //! that runs all of the rest for its rows, with its intermediates in the thread's own
-//! buffers (still in cache for the next matmul). The pool's work stealing balances the blocks, so that a core taken away by
-//! another process (the Kafka client, a neighbour on a shared VM) can slow the pass by its
-//! share instead of stalling every barrier of a per-op schedule.
+//! buffers (still in cache for the next matmul). The pool's work stealing balances the
+//! blocks, so that a core taken away by another process (the Kafka client, a neighbour on
+//! a shared VM) can slow the pass by its share instead of stalling every barrier of a
+//! per-op schedule.
 //!
 //! Batches too short to give every thread several row blocks (a single query) split each
 //! matmul by columns instead, op by op.
