@@ -421,7 +421,7 @@ impl CustomOp1 for PackedLinear {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn lcg(seed: &mut u64) -> f32 {
@@ -431,7 +431,15 @@ mod tests {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
-    fn reference(x: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    /// `x Wᵀ + b` in f64, the tests' reference for every kernel.
+    pub(crate) fn reference(
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Vec<f64> {
         let mut y = vec![0f64; m * n];
         for i in 0..m {
             for c in 0..n {

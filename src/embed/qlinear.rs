@@ -409,27 +409,7 @@ impl CustomOp1 for QLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn reference(x: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-        let mut y = vec![0f32; m * n];
-        for i in 0..m {
-            for c in 0..n {
-                let mut s = b[c] as f64;
-                for t in 0..k {
-                    s += x[i * k + t] as f64 * w[c * k + t] as f64;
-                }
-                y[i * n + c] = s as f32;
-            }
-        }
-        y
-    }
+    use crate::embed::gemm::tests::{lcg, reference};
 
     /// Odd shapes (k not a multiple of 4, n not of 16, m not of 8) exercise every edge.
     #[test]
@@ -445,6 +425,7 @@ mod tests {
             // Error bound: each product errs by about half a step of either factor.
             let tol = 0.1 * (k as f32).sqrt() * 2.0 / 127.0;
             for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                let r = *r as f32;
                 assert!((g - r).abs() < tol, "{m}x{n}x{k} at {i}: {g} vs {r}");
             }
         }
