@@ -1,6 +1,7 @@
 //! GFLOP/s of the CPU linear kernels on one thread and on the pool, at the shapes of
 //! BERT layers (token rows × hidden → 3·hidden / intermediate / hidden).
-//!     cargo run --release --example kernel_speed [-- HIDDEN INTERMEDIATE ROWS]
+//!     cargo run --release --example kernel_speed [-- HIDDEN INTERMEDIATE ROWS BLOCK]
+//! ("1 thread" runs the rows in blocks of BLOCK rows, as the encoder does; default 60.)
 use std::time::Instant;
 
 use streambed::embed::gemm::{par_forward, Epilogue, PackedLinear, RowLinear};
@@ -16,6 +17,7 @@ fn main() {
         *args.get(1).unwrap_or(&1536),
         *args.get(2).unwrap_or(&576),
     );
+    let block = *args.get(3).unwrap_or(&60);
     println!(
         "isa {:?}, pool {} threads",
         streambed::embed::gemm::isa(),
@@ -40,7 +42,19 @@ fn main() {
             let reps = 20;
             let t = Instant::now();
             for _ in 0..reps {
-                unsafe { lin.run(&x, m, out.as_mut_ptr(), &Epilogue::Bias, 0..lin.units()) };
+                // In row blocks, as the encoder schedules them (cpu::block_rows).
+                for r0 in (0..m).step_by(block) {
+                    let rows = block.min(m - r0);
+                    unsafe {
+                        lin.run(
+                            &x[r0 * k..],
+                            rows,
+                            out.as_mut_ptr().add(r0 * n),
+                            &Epilogue::Bias,
+                            0..lin.units(),
+                        )
+                    };
+                }
             }
             let one = flop * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
             let t = Instant::now();
@@ -48,7 +62,7 @@ fn main() {
                 std::hint::black_box(par_forward(lin, &x, m, &Epilogue::Bias));
             }
             let all = flop * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
-            println!("{name:>4} {m}x{k} -> {n}: 1 thread {one:.1} GFLOP/s (GOP/s), pool {all:.1}");
+            println!("{name:>4} {m}x{k} -> {n}: 1 thread ({block}-row blocks) {one:.1} GFLOP/s (GOP/s), pool {all:.1}");
         }
     }
 }
