@@ -130,8 +130,8 @@ impl PackedLinear {
 /// Rows per micro-tile for each kernel.
 const MR_512: usize = 12;
 const MR_256: usize = 6;
-/// Depth of one pass over the panels (the SIMD kernels): partial sums go through the
-/// output between passes, the epilogue runs after the last.
+/// Depth of one pass over the panels: partial sums go through the output between
+/// passes, the epilogue runs after the last.
 const KC: usize = 1536;
 
 impl RowLinear for PackedLinear {
@@ -149,10 +149,10 @@ impl RowLinear for PackedLinear {
         debug_assert!(x.len() >= m * self.k && units.end <= self.panels);
         let (gelu, res) = epi.parts();
         let (k, n, nr) = (self.k, self.n, self.nr);
-        let (mr, kc) = match self.isa {
-            Isa::Avx512 => (MR_512, KC),
-            Isa::Avx2 => (MR_256, KC),
-            Isa::Portable => (4, KC),
+        let mr = match self.isa {
+            Isa::Avx512 => MR_512,
+            Isa::Avx2 => MR_256,
+            Isa::Portable => 4,
         };
         // Depth chunks outermost: a block's rows times one chunk stay in L2 while every
         // panel of the range passes over them. Rows whose stride is a multiple of 4 KiB
@@ -166,7 +166,7 @@ impl RowLinear for PackedLinear {
             let pack = &mut *cell.borrow_mut();
             let mut k0 = 0;
             loop {
-                let kc = kc.min(k - k0);
+                let kc = KC.min(k - k0);
                 let (first, last) = (k0 == 0, k0 + kc == k);
                 if pack_rows {
                     pack_tiles(x, k, m, mr, k0, kc, pack);
@@ -253,9 +253,10 @@ fn pack_tiles(x: &[f32], k: usize, m: usize, mr: usize, k0: usize, kc: usize, pa
 }
 
 /// One micro-tile's operands: `rows` rows of `a` (element `(i, kk)` at `i·row_step +
-/// kk·k_step`), `kc` deep, times one panel chunk `w`, into `out` (stride `n`), `valid` of the panel's columns. The first
-/// chunk starts from zero, later ones from the partial sums in `out`; only the last
-/// applies the epilogue (so `out` must not alias the residual).
+/// kk·k_step`), `kc` deep, times one panel chunk `w`, into `out` (stride `n`), `valid`
+/// of the panel's columns. The first chunk starts from zero, later ones from the
+/// partial sums in `out`; only the last applies the epilogue (so `out` must not alias
+/// the residual).
 struct Tile {
     a: *const f32,
     row_step: usize,

@@ -65,9 +65,7 @@ impl PackedAttention<'_> {
                 }
             });
     }
-}
 
-impl PackedAttention<'_> {
     /// Asks for a head's Q, K and V lines of a sentence while the previous head runs.
     /// Each head reads a few cache lines per row at a 3·hidden stride, which the
     /// hardware prefetchers do not follow: without this, the first reads of every head
