@@ -56,10 +56,20 @@ impl Norm {
     /// LayerNorm of `rows` rows of `x` into `out`.
     pub fn rows(&self, x: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::gemm::isa() == super::gemm::Isa::Avx512 {
-            // SAFETY: the feature was detected on this processor.
-            return unsafe { self.rows_avx512(x, out) };
+        #[cfg(target_arch = "x86_64")]
+        match super::gemm::isa() {
+            // SAFETY: the features were detected on this processor.
+            super::gemm::Isa::Avx512 => return unsafe { self.rows_avx512(x, out) },
+            // SAFETY: as above.
+            super::gemm::Isa::Avx2 => return unsafe { self.rows_avx2(x, out) },
+            super::gemm::Isa::Portable => {}
         }
+        self.rows_loop(x, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_avx2(&self, x: &[f32], out: &mut [f32]) {
         self.rows_loop(x, out)
     }
 

@@ -200,10 +200,11 @@ impl BertEncoder {
             return Err(EmbedError::Resolve(format!("model.dtype {why}")));
         }
         let device = device_for(opts.device)?;
-        if opts.precision == Precision::Int8 && !qlinear::vnni() {
+        if opts.precision == Precision::Int8 && !qlinear::fast() {
             tracing::warn!(
-                "model.dtype = \"int8\": this processor lacks AVX512-VNNI, so the int8 layers \
-                 run a portable loop that is slower than f32; set model.dtype = \"f32\""
+                "model.dtype = \"int8\": this processor has neither AVX2 nor AVX512-VNNI, so \
+                 the int8 layers run a portable loop that is slower than f32; set \
+                 model.dtype = \"f32\""
             );
         }
         let dtype = opts.precision.dtype();

@@ -1,17 +1,26 @@
 //! Int8 linear layers for the CPU (`model.dtype = "int8"`).
 //!
 //! Weights are quantized once, at load, per output channel (symmetric, scale = max|w| / 127).
-//! Activations are quantized at every call, per row (symmetric, shifted by 128 so they fit
-//! an unsigned byte). The products are summed in i32 by AVX512-VNNI `vpdpbusd` (64
-//! multiply-adds per instruction, four times an f32 FMA's), and the epilogue turns each sum
-//! back into f32 and adds the bias:
+//! Activations are quantized at every call, per row (symmetric, to ±127). The products are
+//! summed in i32 and the epilogue turns each sum back into f32 and adds the bias:
 //!
-//! `y[m][n] = sa[m] · sw[n] · (Σ_k qa[m][k]·qw[n][k] − 128 · Σ_k qw[n][k]) + bias[n]`
+//! `y[m][n] = sa[m] · sw[n] · Σ_k qa[m][k]·qw[n][k] + bias[n]`
 //!
-//! where `qa = round(x / sa) + 128`. Weights are packed in blocks of 16 output channels,
-//! four inputs at a time (`[block][k/4][16][4]`), so one 64-byte load feeds one
-//! `vpdpbusd`. Processors without AVX512-VNNI run a portable loop over the same layout
-//! (correct, slow). The quality cost is measured on KLUE-STS dev (docs/PERFORMANCE.md).
+//! Two kernels, chosen at load by what the processor has, compute the same integers:
+//!
+//! - AVX512-VNNI: `vpdpbusd` (64 multiply-adds per instruction, four times an f32 FMA's)
+//!   wants one operand unsigned, so the rows are shifted by 128 (`qa + 128`) and
+//!   `128 · Σ_k qw[n][k]` is taken off in the epilogue. Weights are packed in blocks of 16
+//!   channels, four inputs at a time (`[block][k/4][16][4]`): one 64-byte load feeds one
+//!   `vpdpbusd`.
+//! - AVX2: `vpmaddwd` on 16-bit values (16 multiply-adds per instruction, twice an f32
+//!   FMA's on AMD EPYC Zen 3), the rows kept as i16 and the weights sign-extended as they
+//!   are loaded, from blocks of 8 channels two inputs at a time (`[block][k/2][8][2]`).
+//!   (`vpmaddubsw`, which ONNX Runtime uses there, sums two u8·i8 products into an i16 that
+//!   saturates for large values; this one never does.)
+//!
+//! Other processors run a portable loop over either layout (correct, slow). The quality
+//! cost is measured on KLUE-STS dev (docs/PERFORMANCE.md).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -26,6 +35,58 @@ const NB_COLS: usize = 16;
 const MR: usize = 8;
 /// Blocks of 16 channels per micro-tile.
 const NB: usize = 3;
+/// The AVX2 kernel's blocks (8 channels, one 256-bit register of sums), its rows per
+/// micro-tile and its blocks per tile (6 × 2 = 12 accumulators, as the f32 AVX2 kernel).
+const NB_COLS_256: usize = 8;
+const MR_256: usize = 6;
+const NB_256: usize = 2;
+
+/// Which kernel a layer was packed for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kernel {
+    Vnni,
+    Avx2,
+    /// The portable loop, over the VNNI layout.
+    Portable,
+}
+
+impl Kernel {
+    /// The best this processor runs (detected once).
+    pub fn detect() -> Self {
+        static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    return Kernel::Vnni;
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    return Kernel::Avx2;
+                }
+            }
+            Kernel::Portable
+        })
+    }
+
+    /// Channels per packed block.
+    fn block(self) -> usize {
+        match self {
+            Kernel::Avx2 => NB_COLS_256,
+            _ => NB_COLS,
+        }
+    }
+
+    /// Channels per column unit (one micro-tile's width).
+    fn unit(self) -> usize {
+        match self {
+            Kernel::Avx2 => NB_COLS_256 * NB_256,
+            _ => NB_COLS * NB,
+        }
+    }
+}
 
 /// A linear layer `y = x Wᵀ + b` with int8 weights.
 pub struct QLinear {
@@ -33,38 +94,32 @@ pub struct QLinear {
     k: usize,
     /// `k` rounded up to a multiple of 4.
     kp: usize,
-    blocks: usize,
+    kernel: Kernel,
     packed: Vec<i8>,
-    /// Per output channel, padded to `blocks * 16`.
+    /// Per output channel, padded to whole blocks.
     scale: Vec<f32>,
+    /// `Σ_k qw[n][k]`, for the VNNI kernel's shifted rows.
     colsum: Vec<i32>,
     bias: Vec<f32>,
 }
 
-/// Whether this processor runs the int8 path at full speed (AVX512-VNNI).
-pub fn vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Whether this processor runs the int8 path faster than f32 (AVX512-VNNI or AVX2).
+pub fn fast() -> bool {
+    Kernel::detect() != Kernel::Portable
 }
 
 impl QLinear {
     /// `weight` is `(n, k)` row-major (PyTorch's `Linear.weight`), `bias` has `n` values.
     pub fn new(weight: &[f32], bias: &[f32], n: usize, k: usize) -> Self {
+        Self::with_kernel(weight, bias, n, k, Kernel::detect())
+    }
+
+    pub fn with_kernel(weight: &[f32], bias: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
         assert_eq!(weight.len(), n * k, "weight shape");
         assert_eq!(bias.len(), n, "bias shape");
         let kp = k.div_ceil(4) * 4;
-        let blocks = n.div_ceil(NB_COLS);
-        let np = blocks * NB_COLS;
-        let k4 = kp / 4;
-        let mut packed = vec![0i8; blocks * k4 * 64];
+        let np = n.div_ceil(kernel.block()) * kernel.block();
+        let mut packed = vec![0i8; np * kp];
         let mut scale = vec![0f32; np];
         let mut colsum = vec![0i32; np];
         let mut padded_bias = vec![0f32; np];
@@ -74,7 +129,6 @@ impl QLinear {
             let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
             let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
             scale[c] = s;
-            let (blk, lane) = (c / NB_COLS, c % NB_COLS);
             let mut sum = 0i32;
             for (i, &w) in row.iter().enumerate() {
                 // Round half away from zero without libm (baseline x86-64 has no
@@ -82,7 +136,7 @@ impl QLinear {
                 let r = w / s;
                 let q = (r + 0.5f32.copysign(r)).clamp(-127.0, 127.0) as i8;
                 sum += q as i32;
-                packed[(blk * k4 + i / 4) * 64 + lane * 4 + i % 4] = q;
+                packed[weight_at(kernel, kp, c, i)] = q;
             }
             colsum[c] = sum;
         }
@@ -90,7 +144,7 @@ impl QLinear {
             n,
             k,
             kp,
-            blocks,
+            kernel,
             packed,
             scale,
             colsum,
@@ -121,7 +175,27 @@ impl QLinear {
         }
     }
 
-    /// Reference for processors without VNNI, and for the tests.
+    /// The rows as `round(x / s)` in i16 (the same integers as [`Self::quantize_rows`],
+    /// unshifted), padded with zeros to `kp`.
+    fn quantize_rows_i16(&self, x: &[f32], m: usize, qa: &mut Vec<i16>, sa: &mut Vec<f32>) {
+        if qa.len() < m * self.kp {
+            qa.resize(m * self.kp, 0);
+        }
+        sa.clear();
+        sa.resize(m, 1.0);
+        for ((q, s), row) in qa
+            .chunks_mut(self.kp)
+            .zip(sa.iter_mut())
+            .zip(x.chunks(self.k).take(m))
+        {
+            q[self.k..].fill(0);
+            quantize_row_i16(row, &mut q[..self.k], s);
+        }
+    }
+
+    /// Reference for processors without a fast kernel, and for the tests: columns `cols`
+    /// of `sa.len()` rows, from the shifted rows of [`Self::quantize_rows`], whichever
+    /// layout the weights are packed in.
     ///
     /// # Safety
     /// `a` points at `sa.len()` rows of `kp` bytes; `out` at as many rows of `n` floats.
@@ -129,38 +203,44 @@ impl QLinear {
         &self,
         a: *const u8,
         sa: &[f32],
-        blk0: usize,
-        nb: usize,
+        cols: Range<usize>,
         out: *mut f32,
         (gelu, res): (bool, *const f32),
     ) {
-        let k4 = self.kp / 4;
         for (i, &s) in sa.iter().enumerate() {
-            let row = std::slice::from_raw_parts(a.add(i * self.kp), self.kp);
-            for blk in blk0..blk0 + nb {
-                let b = &self.packed[blk * k4 * 64..(blk + 1) * k4 * 64];
-                for lane in 0..NB_COLS {
-                    let c = blk * NB_COLS + lane;
-                    if c >= self.n {
-                        break;
-                    }
-                    let mut acc = 0i32;
-                    for kk in 0..k4 {
-                        for t in 0..4 {
-                            acc += row[kk * 4 + t] as i32 * b[kk * 64 + lane * 4 + t] as i32;
-                        }
-                    }
-                    let v = (acc - 128 * self.colsum[c]) as f32;
-                    let mut y = v * s * self.scale[c] + self.bias[c];
-                    if gelu {
-                        y = super::ops::gelu(y);
-                    }
-                    if !res.is_null() {
-                        y += *res.add(i * self.n + c);
-                    }
-                    *out.add(i * self.n + c) = y;
+            let row = std::slice::from_raw_parts(a.add(i * self.kp), self.k);
+            for c in cols.clone() {
+                let mut acc = 0i32;
+                for (t, &v) in row.iter().enumerate() {
+                    acc += v as i32 * self.packed[weight_at(self.kernel, self.kp, c, t)] as i32;
                 }
+                let v = (acc - 128 * self.colsum[c]) as f32;
+                let mut y = v * s * self.scale[c] + self.bias[c];
+                if gelu {
+                    y = super::ops::gelu(y);
+                }
+                if !res.is_null() {
+                    y += *res.add(i * self.n + c);
+                }
+                *out.add(i * self.n + c) = y;
             }
+        }
+    }
+}
+
+/// Where weight `(c, i)` lies in a layer packed for `kernel` (`kp` inputs per channel).
+#[inline(always)]
+fn weight_at(kernel: Kernel, kp: usize, c: usize, i: usize) -> usize {
+    match kernel {
+        // [block][k/2][8][2]
+        Kernel::Avx2 => {
+            let (blk, lane) = (c / NB_COLS_256, c % NB_COLS_256);
+            (blk * kp / 2 + i / 2) * 2 * NB_COLS_256 + lane * 2 + i % 2
+        }
+        // [block][k/4][16][4]
+        _ => {
+            let (blk, lane) = (c / NB_COLS, c % NB_COLS);
+            (blk * kp / 4 + i / 4) * 4 * NB_COLS + lane * 4 + i % 4
         }
     }
 }
@@ -168,6 +248,7 @@ impl QLinear {
 thread_local! {
     /// A thread's quantized rows and their scales, reused across calls.
     static QROWS: RefCell<(Vec<u8>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static QROWS16: RefCell<(Vec<i16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl RowLinear for QLinear {
@@ -177,9 +258,9 @@ impl RowLinear for QLinear {
     fn k(&self) -> usize {
         self.k
     }
-    /// Groups of `NB` blocks of 16 channels (one micro-tile's width).
+    /// One micro-tile's width of channels each.
     fn units(&self) -> usize {
-        self.blocks.div_ceil(NB)
+        self.n.div_ceil(self.kernel.unit())
     }
 
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
@@ -188,31 +269,62 @@ impl RowLinear for QLinear {
             Epilogue::BiasGelu => (true, std::ptr::null()),
             Epilogue::BiasResidual(r) => (false, r.as_ptr()),
         };
-        let fast = vnni();
+        // The residual of rows from `r` on.
+        let res_at = |r: usize| {
+            (
+                epi.0,
+                if epi.1.is_null() {
+                    epi.1
+                } else {
+                    epi.1.add(r * self.n)
+                },
+            )
+        };
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Avx2 {
+            return QROWS16.with(|cell| {
+                let (qa, sa) = &mut *cell.borrow_mut();
+                self.quantize_rows_i16(x, m, qa, sa);
+                let blocks = self.n.div_ceil(NB_COLS_256);
+                for g in units {
+                    let blk0 = g * NB_256;
+                    let nb = NB_256.min(blocks - blk0);
+                    let mut r = 0;
+                    while r < m {
+                        let mr = MR_256.min(m - r);
+                        let a = qa.as_ptr().add(r * self.kp);
+                        avx2::tile(
+                            self,
+                            a,
+                            &sa[r..r + mr],
+                            blk0,
+                            nb,
+                            out.add(r * self.n),
+                            res_at(r),
+                        );
+                        r += mr;
+                    }
+                }
+            });
+        }
+        let fast = self.kernel == Kernel::Vnni;
         QROWS.with(|cell| {
             let (qa, sa) = &mut *cell.borrow_mut();
             self.quantize_rows(x, m, qa, sa);
             for g in units {
                 let blk0 = g * NB;
-                let nb = NB.min(self.blocks - blk0);
+                let nb = NB.min(self.n.div_ceil(NB_COLS) - blk0);
                 let mut r = 0;
                 while r < m {
                     let mr = MR.min(m - r);
                     let a = qa.as_ptr().add(r * self.kp);
                     let o = out.add(r * self.n);
-                    let e = (
-                        epi.0,
-                        if epi.1.is_null() {
-                            epi.1
-                        } else {
-                            epi.1.add(r * self.n)
-                        },
-                    );
                     if fast {
                         #[cfg(target_arch = "x86_64")]
-                        vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, e);
+                        vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, res_at(r));
                     } else {
-                        self.portable_tile(a, &sa[r..r + mr], blk0, nb, o, e);
+                        let cols = blk0 * NB_COLS..((blk0 + nb) * NB_COLS).min(self.n);
+                        self.portable_tile(a, &sa[r..r + mr], cols, o, res_at(r));
                     }
                     r += mr;
                 }
@@ -223,7 +335,7 @@ impl RowLinear for QLinear {
 
 fn quantize_row(row: &[f32], q: &mut [u8], s: &mut f32) {
     #[cfg(target_arch = "x86_64")]
-    if vnni() {
+    if Kernel::detect() == Kernel::Vnni {
         // SAFETY: the features were detected on this processor.
         return unsafe { quantize_row_avx512(row, q, s) };
     }
@@ -279,6 +391,176 @@ fn quantize_row_loop(row: &[f32], q: &mut [u8], s: &mut f32) {
         // v·inv + 128 lies in [1, 255]; adding 0.5 and truncating rounds it (half up)
         // without a libm call, so the loop vectorises.
         *d = (v * inv + 128.5) as i32 as u8;
+    }
+}
+
+fn quantize_row_i16(row: &[f32], q: &mut [i16], s: &mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::detect() == Kernel::Avx2 {
+        // SAFETY: the features were detected on this processor.
+        return unsafe { avx2::quantize_row(row, q, s) };
+    }
+    let mut u = vec![0u8; row.len()];
+    quantize_row_loop(row, &mut u, s);
+    for (d, &v) in q.iter_mut().zip(&u) {
+        *d = v as i16 - 128;
+    }
+}
+
+/// The AVX2 kernel (see the module's doc).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{QLinear, MR_256, NB_256, NB_COLS_256};
+    use crate::embed::gemm::x86::{gelu256, lane_mask, load8, store8};
+    use std::arch::x86_64::*;
+
+    /// [`super::quantize_row_loop`]'s integers, unshifted, in i16.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_row(row: &[f32], q: &mut [i16], s: &mut f32) {
+        let whole = row.len() / 16 * 16;
+        let p = row.as_ptr();
+        let sign = _mm256_set1_ps(-0.0);
+        let (mut vmax, mut nan) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in (0..whole).step_by(8) {
+            let v = _mm256_loadu_ps(p.add(i));
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+        let amax = lanes
+            .iter()
+            .chain(&row[whole..])
+            .fold(0f32, |m, v| m.max(v.abs()));
+        let nan = _mm256_movemask_ps(nan) != 0 || row[whole..].iter().any(|v| v.is_nan());
+        if amax == 0.0 || !amax.is_finite() || nan {
+            q.fill(0);
+            *s = 1.0;
+            return;
+        }
+        *s = amax / 127.0;
+        let inv = 127.0 / amax;
+        let (vinv, half, shift) = (
+            _mm256_set1_ps(inv),
+            _mm256_set1_ps(128.5),
+            _mm256_set1_epi32(128),
+        );
+        let d = q.as_mut_ptr();
+        for i in (0..whole).step_by(16) {
+            // v·inv + 128.5 truncated is the VNNI path's byte; less 128, its value.
+            let lo = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), vinv, half);
+            let hi = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i + 8)), vinv, half);
+            let lo = _mm256_sub_epi32(_mm256_cvttps_epi32(lo), shift);
+            let hi = _mm256_sub_epi32(_mm256_cvttps_epi32(hi), shift);
+            // packs interleaves the 128-bit halves; the permute puts them back in order.
+            let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(lo, hi));
+            _mm256_storeu_si256(d.add(i).cast(), v);
+        }
+        for i in whole..row.len() {
+            q[i] = (row[i] * inv + 128.5) as i32 as i16 - 128;
+        }
+    }
+
+    /// `sa.len()` rows (≤ MR_256) × `nb` blocks (≤ NB_256) from block `blk0`.
+    pub(super) unsafe fn tile(
+        q: &QLinear,
+        a: *const i16,
+        sa: &[f32],
+        blk0: usize,
+        nb: usize,
+        out: *mut f32,
+        epi: (bool, *const f32),
+    ) {
+        macro_rules! rows {
+            ($nb:literal) => {
+                match sa.len() {
+                    6 => k::<6, $nb>(q, a, sa, blk0, out, epi),
+                    5 => k::<5, $nb>(q, a, sa, blk0, out, epi),
+                    4 => k::<4, $nb>(q, a, sa, blk0, out, epi),
+                    3 => k::<3, $nb>(q, a, sa, blk0, out, epi),
+                    2 => k::<2, $nb>(q, a, sa, blk0, out, epi),
+                    1 => k::<1, $nb>(q, a, sa, blk0, out, epi),
+                    _ => unreachable!("tile rows"),
+                }
+            };
+        }
+        const _: () = assert!(MR_256 == 6 && NB_256 == 2, "tile spells out its shapes");
+        match nb {
+            2 => rows!(2),
+            1 => rows!(1),
+            _ => unreachable!("tile blocks"),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn k<const R: usize, const B: usize>(
+        q: &QLinear,
+        a: *const i16,
+        sa: &[f32],
+        blk0: usize,
+        out: *mut f32,
+        epi: (bool, *const f32),
+    ) {
+        let k2 = q.kp / 2;
+        let mut acc = [[_mm256_setzero_si256(); B]; R];
+        let w = q.packed.as_ptr();
+        for t in 0..k2 {
+            let mut bv = [_mm256_setzero_si256(); B];
+            for (j, v) in bv.iter_mut().enumerate() {
+                let at = ((blk0 + j) * k2 + t) * 2 * NB_COLS_256;
+                *v = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(at).cast()));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                // Inputs 2t and 2t+1 of row i, in every 32-bit lane.
+                let av = _mm256_set1_epi32(a.add(i * q.kp + 2 * t).cast::<i32>().read_unaligned());
+                for (c, v) in row.iter_mut().zip(&bv) {
+                    *c = _mm256_add_epi32(*c, _mm256_madd_epi16(av, *v));
+                }
+            }
+        }
+        // Constant indices, as in the VNNI kernel.
+        macro_rules! rows {
+            ($($i:literal)*) => {$(
+                if let Some(row) = acc.get($i) {
+                    if let Some(&v) = row.first() {
+                        finish(q, v, blk0, $i, sa[$i], out, epi);
+                    }
+                    if let Some(&v) = row.get(1) {
+                        finish(q, v, blk0 + 1, $i, sa[$i], out, epi);
+                    }
+                }
+            )*};
+        }
+        rows!(0 1 2 3 4 5);
+    }
+
+    /// Row `i` of block `blk`'s 8 sums to outputs: scales, bias, GELU, residual, store.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn finish(
+        q: &QLinear,
+        acc: __m256i,
+        blk: usize,
+        i: usize,
+        sa: f32,
+        out: *mut f32,
+        (gelu, res): (bool, *const f32),
+    ) {
+        let c0 = blk * NB_COLS_256;
+        let valid = q.n.saturating_sub(c0).min(NB_COLS_256);
+        let (mask, full) = (lane_mask(valid), valid == NB_COLS_256);
+        let sw = _mm256_loadu_ps(q.scale.as_ptr().add(c0));
+        let bias = _mm256_loadu_ps(q.bias.as_ptr().add(c0));
+        let sum = _mm256_cvtepi32_ps(acc);
+        let mut y = _mm256_fmadd_ps(sum, _mm256_mul_ps(_mm256_set1_ps(sa), sw), bias);
+        if gelu {
+            y = gelu256(y);
+        }
+        let at = i * q.n + c0;
+        if !res.is_null() {
+            y = _mm256_add_ps(y, load8(res.add(at), mask, full));
+        }
+        store8(out.add(at), mask, full, y);
     }
 }
 
@@ -440,41 +722,71 @@ mod tests {
         }
     }
 
-    /// The fast kernel and the portable loop compute the same integers.
+    /// Every kernel this processor has computes the portable loop's integers, for
+    /// odd shapes and every epilogue.
     #[test]
-    fn vnni_kernel_equals_portable_loop() {
-        if !vnni() {
-            eprintln!("SKIPPED vnni_kernel_equals_portable_loop: this CPU lacks AVX512-VNNI, so the fast kernel cannot run here");
-            return;
+    fn every_kernel_equals_the_portable_loop() {
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                kernels.push(Kernel::Avx2);
+            }
+            if Kernel::detect() == Kernel::Vnni {
+                kernels.push(Kernel::Vnni);
+            }
         }
-        let (m, n, k) = (21, 100, 44);
-        let mut seed = 7;
-        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
-        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
-        let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
-        let q = QLinear::new(&w, &b, n, k);
-        let fast = q.forward(&x, m);
-        let (mut qa, mut sa) = (Vec::new(), Vec::new());
-        q.quantize_rows(&x, m, &mut qa, &mut sa);
-        let mut slow = vec![0f32; m * n];
-        for r in 0..m {
-            for g in 0..q.blocks.div_ceil(NB) {
-                let nb = NB.min(q.blocks - g * NB);
-                // SAFETY: row r of qa, row r of slow.
-                unsafe {
-                    q.portable_tile(
-                        qa.as_ptr().add(r * q.kp),
-                        &sa[r..r + 1],
-                        g * NB,
-                        nb,
-                        slow.as_mut_ptr().add(r * n),
-                        (false, std::ptr::null()),
-                    );
+        if kernels.len() == 1 {
+            eprintln!("SKIPPED every_kernel_equals_the_portable_loop: no fast kernel runs here");
+        }
+        for &kernel in &kernels {
+            for &(m, n, k) in &[(21, 100, 44), (7, 8, 4), (13, 37, 101), (30, 96, 3072)] {
+                let mut seed = (m * 31 + n * 7 + k) as u64;
+                let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+                let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+                let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+                let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+                let q = QLinear::with_kernel(&w, &b, n, k, kernel);
+                let (mut qa, mut sa) = (Vec::new(), Vec::new());
+                q.quantize_rows(&x, m, &mut qa, &mut sa);
+                for epi in [
+                    Epilogue::Bias,
+                    Epilogue::BiasGelu,
+                    Epilogue::BiasResidual(&res),
+                ] {
+                    let fast = par_forward(&q, &x, m, &epi);
+                    let e = match epi {
+                        Epilogue::Bias => (false, std::ptr::null()),
+                        Epilogue::BiasGelu => (true, std::ptr::null()),
+                        Epilogue::BiasResidual(r) => (false, r.as_ptr()),
+                    };
+                    let mut slow = vec![0f32; m * n];
+                    // SAFETY: m rows of qa in, m rows of n out.
+                    unsafe { q.portable_tile(qa.as_ptr(), &sa, 0..n, slow.as_mut_ptr(), e) };
+                    for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                            "{kernel:?} {m}x{n}x{k} at {i}: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }
-        for (a, b) in fast.iter().zip(&slow) {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+    }
+
+    /// The AVX2 rows are the VNNI path's bytes less 128, the tail and odd lengths too.
+    #[test]
+    fn i16_rows_are_the_shifted_bytes_unshifted() {
+        let mut seed = 3;
+        for len in [1, 7, 16, 37, 768] {
+            let row: Vec<f32> = (0..len).map(|_| lcg(&mut seed) * 3.0).collect();
+            let (mut u, mut su) = (vec![0u8; len], 0f32);
+            quantize_row_loop(&row, &mut u, &mut su);
+            let (mut q, mut sq) = (vec![0i16; len], 0f32);
+            quantize_row_i16(&row, &mut q, &mut sq);
+            assert_eq!(su, sq);
+            let want: Vec<i16> = u.iter().map(|&v| v as i16 - 128).collect();
+            assert_eq!(q, want, "length {len}");
         }
     }
 
