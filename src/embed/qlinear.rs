@@ -1,27 +1,29 @@
 //! Int8 linear layers for the CPU (`model.dtype = "int8"`).
 //!
-//! Weights are quantized once, at load, per output channel (symmetric, scale = max|w| / q,
-//! q = 127, or 63 for the AVX2 kernel). Activations are quantized at every call, per row
-//! (symmetric, to ±127), and shifted by 128 so that they fit an unsigned byte. The products
-//! are summed in i32 and the epilogue turns each sum back into f32 and adds the bias:
+//! Weights are quantized once, at load, per output channel (symmetric, scale = max|w| / 127).
+//! Activations are quantized at every call, per row (symmetric, to ±127). The products are
+//! summed in i32 and the epilogue turns each sum back into f32 and adds the bias:
 //!
-//! `y[m][n] = sa[m] · sw[n] · (Σ_k qa[m][k]·qw[n][k] − 128 · Σ_k qw[n][k]) + bias[n]`
+//! `y[m][n] = sa[m] · sw[n] · Σ_k qa[m][k]·qw[n][k] + bias[n]`
 //!
-//! where `qa = round(x / sa) + 128`. Kernels, chosen at load by what the processor has:
+//! Two kernels, chosen at load by what the processor has, compute the same integers:
 //!
-//! - AVX512-VNNI: `vpdpbusd` (64 multiply-adds per instruction, four times an f32 FMA's).
-//!   Weights in blocks of 16 channels, four inputs at a time (`[block][k/4][16][4]`), so
-//!   one 64-byte load feeds one `vpdpbusd`.
-//! - AVX2: `vpmaddubsw` (u8·i8 pairs summed into i16) then `vpmaddwd` by ones into i32:
-//!   32 multiply-adds per two multiplies, 1.9× an f32 FMA's rate on AMD EPYC Zen 3. A
-//!   pair of 255·127 products overflows i16 (the instruction saturates: ONNX Runtime's
-//!   AVX2 path accepts that error), so weights here are quantized to ±63 (7 bits) and the
-//!   sum cannot saturate. Measured on e5-small, 7-bit weights cost no Korean STS quality
-//!   (docs/PERFORMANCE.md). An exact 8-bit kernel (i16 rows, `vpmaddwd` alone) was 12%
-//!   slower end to end on BERT-base there. Weights in blocks of 8 channels
-//!   (`[block][k/4][8][4]`), one 32-byte load per `vpmaddubsw`.
+//! - AVX512-VNNI: `vpdpbusd` (64 multiply-adds per instruction, four times an f32 FMA's)
+//!   wants one operand unsigned, so the rows are shifted by 128 (`qa + 128`) and
+//!   `128 · Σ_k qw[n][k]` is taken off in the epilogue. Weights are packed in blocks of 16
+//!   channels, four inputs at a time (`[block][k/4][16][4]`): one 64-byte load feeds one
+//!   `vpdpbusd`.
+//! - AVX2: `vpmaddwd` on 16-bit values (16 multiply-adds per instruction, twice an f32
+//!   FMA's on AMD EPYC Zen 3), the rows kept as i16 and the weights sign-extended as they
+//!   are loaded, from blocks of 8 channels two inputs at a time (`[block][k/2][8][2]`).
+//!   (`vpmaddubsw`, which ONNX Runtime uses there, sums two u8·i8 products into an i16 that
+//!   saturates for large values; this one never does. `vpmaddubsw` with weights cut to 7
+//!   bits, so that it cannot saturate, was 12% faster end to end on BERT-base and kept
+//!   e5-small's STS scores, whose weights were 4-bit to begin with, but moved
+//!   all-MiniLM-L6-v2's reference pair by 0.012: too coarse for full-precision weights.)
 //!
-//! Other processors run a portable loop over either layout (correct, slow).
+//! Other processors run a portable loop over either layout (correct, slow). The quality
+//! cost is measured on KLUE-STS dev (docs/PERFORMANCE.md).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -46,8 +48,6 @@ const NB_256: usize = 2;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kernel {
     Vnni,
-    /// AVX2 `vpmaddubsw` on the shifted bytes, weights to ±63 (7 bits) so that two
-    /// products summed in i16 cannot saturate.
     Avx2,
     /// The portable loop, over the VNNI layout.
     Portable,
@@ -79,14 +79,6 @@ impl Kernel {
         match self {
             Kernel::Avx2 => NB_COLS_256,
             _ => NB_COLS,
-        }
-    }
-
-    /// The largest weight magnitude.
-    fn qmax(self) -> f32 {
-        match self {
-            Kernel::Avx2 => 63.0,
-            _ => 127.0,
         }
     }
 
@@ -138,15 +130,14 @@ impl QLinear {
         for c in 0..n {
             let row = &weight[c * k..(c + 1) * k];
             let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let qmax = kernel.qmax();
-            let s = if amax > 0.0 { amax / qmax } else { 1.0 };
+            let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
             scale[c] = s;
             let mut sum = 0i32;
             for (i, &w) in row.iter().enumerate() {
                 // Round half away from zero without libm (baseline x86-64 has no
                 // rounding instruction, and rintf per weight made loading slow).
                 let r = w / s;
-                let q = (r + 0.5f32.copysign(r)).clamp(-qmax, qmax) as i8;
+                let q = (r + 0.5f32.copysign(r)).clamp(-127.0, 127.0) as i8;
                 sum += q as i32;
                 packed[weight_at(kernel, kp, c, i)] = q;
             }
@@ -184,6 +175,24 @@ impl QLinear {
         {
             q[self.k..].fill(128);
             quantize_row(row, &mut q[..self.k], s);
+        }
+    }
+
+    /// The rows as `round(x / s)` in i16 (the same integers as [`Self::quantize_rows`],
+    /// unshifted), padded with zeros to `kp`.
+    fn quantize_rows_i16(&self, x: &[f32], m: usize, qa: &mut Vec<i16>, sa: &mut Vec<f32>) {
+        if qa.len() < m * self.kp {
+            qa.resize(m * self.kp, 0);
+        }
+        sa.clear();
+        sa.resize(m, 1.0);
+        for ((q, s), row) in qa
+            .chunks_mut(self.kp)
+            .zip(sa.iter_mut())
+            .zip(x.chunks(self.k).take(m))
+        {
+            q[self.k..].fill(0);
+            quantize_row_i16(row, &mut q[..self.k], s);
         }
     }
 
@@ -226,10 +235,10 @@ impl QLinear {
 #[inline(always)]
 fn weight_at(kernel: Kernel, kp: usize, c: usize, i: usize) -> usize {
     match kernel {
-        // [block][k/4][8][4]
+        // [block][k/2][8][2]
         Kernel::Avx2 => {
             let (blk, lane) = (c / NB_COLS_256, c % NB_COLS_256);
-            (blk * kp / 4 + i / 4) * 4 * NB_COLS_256 + lane * 4 + i % 4
+            (blk * kp / 2 + i / 2) * 2 * NB_COLS_256 + lane * 2 + i % 2
         }
         // [block][k/4][16][4]
         _ => {
@@ -242,6 +251,7 @@ fn weight_at(kernel: Kernel, kp: usize, c: usize, i: usize) -> usize {
 thread_local! {
     /// A thread's quantized rows and their scales, reused across calls.
     static QROWS: RefCell<(Vec<u8>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static QROWS16: RefCell<(Vec<i16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl RowLinear for QLinear {
@@ -275,9 +285,9 @@ impl RowLinear for QLinear {
         };
         #[cfg(target_arch = "x86_64")]
         if self.kernel == Kernel::Avx2 {
-            return QROWS.with(|cell| {
+            return QROWS16.with(|cell| {
                 let (qa, sa) = &mut *cell.borrow_mut();
-                self.quantize_rows(x, m, qa, sa);
+                self.quantize_rows_i16(x, m, qa, sa);
                 let blocks = self.n.div_ceil(NB_COLS_256);
                 for g in units {
                     let blk0 = g * NB_256;
@@ -332,17 +342,6 @@ fn quantize_row(row: &[f32], q: &mut [u8], s: &mut f32) {
         // SAFETY: the features were detected on this processor.
         return unsafe { quantize_row_avx512(row, q, s) };
     }
-    #[cfg(target_arch = "x86_64")]
-    if Kernel::detect() == Kernel::Avx2 {
-        // SAFETY: as above.
-        return unsafe { quantize_row_avx2(row, q, s) };
-    }
-    quantize_row_loop(row, q, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_row_avx2(row: &[f32], q: &mut [u8], s: &mut f32) {
     quantize_row_loop(row, q, s)
 }
 
@@ -398,6 +397,19 @@ fn quantize_row_loop(row: &[f32], q: &mut [u8], s: &mut f32) {
     }
 }
 
+fn quantize_row_i16(row: &[f32], q: &mut [i16], s: &mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::detect() == Kernel::Avx2 {
+        // SAFETY: the features were detected on this processor.
+        return unsafe { avx2::quantize_row(row, q, s) };
+    }
+    let mut u = vec![0u8; row.len()];
+    quantize_row_loop(row, &mut u, s);
+    for (d, &v) in q.iter_mut().zip(&u) {
+        *d = v as i16 - 128;
+    }
+}
+
 /// The AVX2 kernel (see the module's doc).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -405,10 +417,57 @@ mod avx2 {
     use crate::embed::gemm::x86::{gelu256, lane_mask, load8, store8};
     use std::arch::x86_64::*;
 
+    /// [`super::quantize_row_loop`]'s integers, unshifted, in i16.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_row(row: &[f32], q: &mut [i16], s: &mut f32) {
+        let whole = row.len() / 16 * 16;
+        let p = row.as_ptr();
+        let sign = _mm256_set1_ps(-0.0);
+        let (mut vmax, mut nan) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in (0..whole).step_by(8) {
+            let v = _mm256_loadu_ps(p.add(i));
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+        let amax = lanes
+            .iter()
+            .chain(&row[whole..])
+            .fold(0f32, |m, v| m.max(v.abs()));
+        let nan = _mm256_movemask_ps(nan) != 0 || row[whole..].iter().any(|v| v.is_nan());
+        if amax == 0.0 || !amax.is_finite() || nan {
+            q.fill(0);
+            *s = 1.0;
+            return;
+        }
+        *s = amax / 127.0;
+        let inv = 127.0 / amax;
+        let (vinv, half, shift) = (
+            _mm256_set1_ps(inv),
+            _mm256_set1_ps(128.5),
+            _mm256_set1_epi32(128),
+        );
+        let d = q.as_mut_ptr();
+        for i in (0..whole).step_by(16) {
+            // v·inv + 128.5 truncated is the VNNI path's byte; less 128, its value.
+            let lo = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), vinv, half);
+            let hi = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i + 8)), vinv, half);
+            let lo = _mm256_sub_epi32(_mm256_cvttps_epi32(lo), shift);
+            let hi = _mm256_sub_epi32(_mm256_cvttps_epi32(hi), shift);
+            // packs interleaves the 128-bit halves; the permute puts them back in order.
+            let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(lo, hi));
+            _mm256_storeu_si256(d.add(i).cast(), v);
+        }
+        for i in whole..row.len() {
+            q[i] = (row[i] * inv + 128.5) as i32 as i16 - 128;
+        }
+    }
+
     /// `sa.len()` rows (≤ MR_256) × `nb` blocks (≤ NB_256) from block `blk0`.
     pub(super) unsafe fn tile(
         q: &QLinear,
-        a: *const u8,
+        a: *const i16,
         sa: &[f32],
         blk0: usize,
         nb: usize,
@@ -439,30 +498,30 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn k<const R: usize, const B: usize>(
         q: &QLinear,
-        a: *const u8,
+        a: *const i16,
         sa: &[f32],
         blk0: usize,
         out: *mut f32,
         epi: (bool, *const f32),
     ) {
-        let k4 = q.kp / 4;
+        let k2 = q.kp / 2;
         let mut acc = [[_mm256_setzero_si256(); B]; R];
         let w = q.packed.as_ptr();
-        let ones = _mm256_set1_epi16(1);
-        for t in 0..k4 {
+        for t in 0..k2 {
             let mut bv = [_mm256_setzero_si256(); B];
             for (j, v) in bv.iter_mut().enumerate() {
-                let at = ((blk0 + j) * k4 + t) * 4 * NB_COLS_256;
-                *v = _mm256_loadu_si256(w.add(at).cast());
+                let at = ((blk0 + j) * k2 + t) * 2 * NB_COLS_256;
+                *v = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(at).cast()));
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm256_set1_epi32(a.add(i * q.kp + 4 * t).cast::<i32>().read_unaligned());
+                // Inputs 2t and 2t+1 of row i, in every 32-bit lane.
+                let av = _mm256_set1_epi32(a.add(i * q.kp + 2 * t).cast::<i32>().read_unaligned());
                 for (c, v) in row.iter_mut().zip(&bv) {
-                    let pairs = _mm256_maddubs_epi16(av, *v);
-                    *c = _mm256_add_epi32(*c, _mm256_madd_epi16(pairs, ones));
+                    *c = _mm256_add_epi32(*c, _mm256_madd_epi16(av, *v));
                 }
             }
         }
+        // Constant indices, as in the VNNI kernel.
         macro_rules! rows {
             ($($i:literal)*) => {$(
                 if let Some(row) = acc.get($i) {
@@ -478,8 +537,7 @@ mod avx2 {
         rows!(0 1 2 3 4 5);
     }
 
-    /// Row `i` of block `blk`'s 8 sums to outputs: the shifted rows' zero point, scales,
-    /// bias, GELU, residual, store.
+    /// Row `i` of block `blk`'s 8 sums to outputs: scales, bias, GELU, residual, store.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn finish(
@@ -496,8 +554,6 @@ mod avx2 {
         let (mask, full) = (lane_mask(valid), valid == NB_COLS_256);
         let sw = _mm256_loadu_ps(q.scale.as_ptr().add(c0));
         let bias = _mm256_loadu_ps(q.bias.as_ptr().add(c0));
-        let colsum = _mm256_loadu_si256(q.colsum.as_ptr().add(c0).cast());
-        let acc = _mm256_sub_epi32(acc, _mm256_slli_epi32::<7>(colsum));
         let sum = _mm256_cvtepi32_ps(acc);
         let mut y = _mm256_fmadd_ps(sum, _mm256_mul_ps(_mm256_set1_ps(sa), sw), bias);
         if gelu {
@@ -660,9 +716,8 @@ mod tests {
             let q = QLinear::new(&w, &b, n, k);
             let want = reference(&x, &w, &b, m, n, k);
             let got = q.forward(&x, m);
-            // Error bound: each product errs by about half a step of either factor (the
-            // weights' step is twice as coarse for the AVX2 kernel).
-            let tol = 0.1 * (k as f32).sqrt() * 2.0 / Kernel::detect().qmax();
+            // Error bound: each product errs by about half a step of either factor.
+            let tol = 0.1 * (k as f32).sqrt() * 2.0 / 127.0;
             for (i, (g, r)) in got.iter().zip(&want).enumerate() {
                 let r = *r as f32;
                 assert!((g - r).abs() < tol, "{m}x{n}x{k} at {i}: {g} vs {r}");
@@ -719,6 +774,22 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The AVX2 rows are the VNNI path's bytes less 128, the tail and odd lengths too.
+    #[test]
+    fn i16_rows_are_the_shifted_bytes_unshifted() {
+        let mut seed = 3;
+        for len in [1, 7, 16, 37, 768] {
+            let row: Vec<f32> = (0..len).map(|_| lcg(&mut seed) * 3.0).collect();
+            let (mut u, mut su) = (vec![0u8; len], 0f32);
+            quantize_row_loop(&row, &mut u, &mut su);
+            let (mut q, mut sq) = (vec![0i16; len], 0f32);
+            quantize_row_i16(&row, &mut q, &mut sq);
+            assert_eq!(su, sq);
+            let want: Vec<i16> = u.iter().map(|&v| v as i16 - 128).collect();
+            assert_eq!(q, want, "length {len}");
         }
     }
 
