@@ -56,7 +56,6 @@ impl Norm {
     /// LayerNorm of `rows` rows of `x` into `out`.
     pub fn rows(&self, x: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        #[cfg(target_arch = "x86_64")]
         match super::gemm::isa() {
             // SAFETY: the features were detected on this processor.
             super::gemm::Isa::Avx512 => return unsafe { self.rows_avx512(x, out) },

@@ -31,7 +31,8 @@ pub enum Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
-    fn parts(&self) -> (bool, *const f32) {
+    /// Whether to apply GELU, and the residual (null for none): what the kernels take.
+    pub(crate) fn parts(&self) -> (bool, *const f32) {
         match self {
             Epilogue::Bias => (false, std::ptr::null()),
             Epilogue::BiasGelu => (true, std::ptr::null()),

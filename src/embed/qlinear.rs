@@ -162,27 +162,29 @@ impl QLinear {
 
     /// Per-row scales and the rows as `round(x / s) + 128`, padded with 128 (zero) to `kp`.
     fn quantize_rows(&self, x: &[f32], m: usize, qa: &mut Vec<u8>, sa: &mut Vec<f32>) {
-        // Grown, never cleared: every byte of the rows in use is written below.
-        if qa.len() < m * self.kp {
-            qa.resize(m * self.kp, 128);
-        }
-        sa.clear();
-        sa.resize(m, 1.0);
-        for ((q, s), row) in qa
-            .chunks_mut(self.kp)
-            .zip(sa.iter_mut())
-            .zip(x.chunks(self.k).take(m))
-        {
-            q[self.k..].fill(128);
-            quantize_row(row, &mut q[..self.k], s);
-        }
+        self.quantize_rows_as(x, m, qa, sa, 128, quantize_row);
     }
 
     /// The rows as `round(x / s)` in i16 (the same integers as [`Self::quantize_rows`],
     /// unshifted), padded with zeros to `kp`.
     fn quantize_rows_i16(&self, x: &[f32], m: usize, qa: &mut Vec<i16>, sa: &mut Vec<f32>) {
+        self.quantize_rows_as(x, m, qa, sa, 0, quantize_row_i16);
+    }
+
+    /// Per-row scales, and each row quantized by `row_fn` into `kp` values, the last
+    /// `kp - k` of them `zero`.
+    fn quantize_rows_as<T: Copy>(
+        &self,
+        x: &[f32],
+        m: usize,
+        qa: &mut Vec<T>,
+        sa: &mut Vec<f32>,
+        zero: T,
+        row_fn: fn(&[f32], &mut [T], &mut f32),
+    ) {
+        // Grown, never cleared: every value of the rows in use is written below.
         if qa.len() < m * self.kp {
-            qa.resize(m * self.kp, 0);
+            qa.resize(m * self.kp, zero);
         }
         sa.clear();
         sa.resize(m, 1.0);
@@ -191,8 +193,8 @@ impl QLinear {
             .zip(sa.iter_mut())
             .zip(x.chunks(self.k).take(m))
         {
-            q[self.k..].fill(0);
-            quantize_row_i16(row, &mut q[..self.k], s);
+            q[self.k..].fill(zero);
+            row_fn(row, &mut q[..self.k], s);
         }
     }
 
@@ -267,11 +269,7 @@ impl RowLinear for QLinear {
     }
 
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
-        let epi = match epi {
-            Epilogue::Bias => (false, std::ptr::null()),
-            Epilogue::BiasGelu => (true, std::ptr::null()),
-            Epilogue::BiasResidual(r) => (false, r.as_ptr()),
-        };
+        let epi = epi.parts();
         // The residual of rows from `r` on.
         let res_at = |r: usize| {
             (
@@ -758,14 +756,11 @@ mod tests {
                     Epilogue::BiasResidual(&res),
                 ] {
                     let fast = par_forward(&q, &x, m, &epi);
-                    let e = match epi {
-                        Epilogue::Bias => (false, std::ptr::null()),
-                        Epilogue::BiasGelu => (true, std::ptr::null()),
-                        Epilogue::BiasResidual(r) => (false, r.as_ptr()),
-                    };
                     let mut slow = vec![0f32; m * n];
                     // SAFETY: m rows of qa in, m rows of n out.
-                    unsafe { q.portable_tile(qa.as_ptr(), &sa, 0..n, slow.as_mut_ptr(), e) };
+                    unsafe {
+                        q.portable_tile(qa.as_ptr(), &sa, 0..n, slow.as_mut_ptr(), epi.parts())
+                    };
                     for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
                         assert!(
                             (a - b).abs() <= 1e-4 * b.abs().max(1.0),
