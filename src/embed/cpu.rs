@@ -19,7 +19,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::gemm::{Epilogue, RowLinear};
+use super::gemm::{self, Epilogue, Isa, RowLinear};
 use super::ops::SendPtr;
 
 /// LayerNorm weights, for rows of `gamma.len()` values.
@@ -104,12 +104,27 @@ thread_local! {
     static BLOCK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// A layer's weights from which, on AVX-512, each matmul is split by columns over the
+/// whole batch instead of running the layer per row block (see `block_rows`).
+const STREAM_ONCE_BYTES: usize = 16 << 20;
+
 /// Rows per block: enough for the micro-kernels' tiles and to reuse each weight panel,
-/// few enough that every thread gets several blocks to steal.
-fn block_rows(tokens: usize, threads: usize) -> Option<usize> {
+/// few enough that every thread gets several blocks to steal. `None`: no row blocks,
+/// every matmul split by columns over all the rows.
+///
+/// Row blocks read the whole layer's weights once per block (at batch 32, ~10 times a
+/// batch). Where a layer's weights are large (BERT-base f32: 28 MiB a layer, 340 MiB in
+/// all, past what the cache keeps) that traffic, from both cores at once, costs more than
+/// the barrier per matmul of the column split, which reads each weight once a batch:
+/// on Intel Xeon (AVX-512, 2 cores) BERT-base f32 ran 72–75 sent/s split by columns
+/// against 63–65 in row blocks, interleaved, while e5-small f32 (7 MiB a layer) and every
+/// int8 model (7 MiB for BERT-base) ran slower split by columns (int8: 30% slower, each
+/// column part quantising all the rows again). Measured on AVX-512 only: AVX2 machines
+/// keep row blocks until measured (docs/PERFORMANCE.md, session 12).
+fn block_rows(tokens: usize, threads: usize, columns: bool) -> Option<usize> {
     const MIN: usize = 12;
     const MAX: usize = 96;
-    if tokens < threads * 2 * MIN {
+    if columns || tokens < threads * 2 * MIN {
         return None;
     }
     let want = tokens.div_ceil(threads * 6);
@@ -129,6 +144,32 @@ pub fn encode(
     let Some(first) = layers.first() else {
         return;
     };
+    let layer_bytes: usize = [first.qkv, first.attn_out, first.intermediate, first.output]
+        .iter()
+        .map(|l| l.weight_bytes())
+        .sum();
+    let columns = split_by_columns(layer_bytes, gemm::isa());
+    encode_scheduled(layers, x, hidden, attention, between, columns);
+}
+
+/// Whether a layer of `layer_bytes` of weights runs split by columns (see `block_rows`).
+fn split_by_columns(layer_bytes: usize, isa: Isa) -> bool {
+    isa == Isa::Avx512 && layer_bytes >= STREAM_ONCE_BYTES
+}
+
+/// [`encode`], in row blocks or (`columns`, or a batch too small for blocks) split by
+/// columns.
+fn encode_scheduled(
+    layers: &[CpuLayer],
+    x: &mut [f32],
+    hidden: usize,
+    attention: &(dyn Fn(&[f32], &mut [f32]) + Sync),
+    between: &mut dyn FnMut(),
+    columns: bool,
+) {
+    let Some(first) = layers.first() else {
+        return;
+    };
     let tokens = x.len() / hidden;
     let threads = rayon::current_num_threads().max(1);
     // Reused across batches (fresh pages cost a fault each). Taken out of the cell, not
@@ -140,7 +181,7 @@ pub fn encode(
     for (i, layer) in layers.iter().enumerate() {
         attention(&qkv, &mut ctx);
         let next = layers.get(i + 1).map(|l| l.qkv);
-        match block_rows(tokens, threads) {
+        match block_rows(tokens, threads, columns) {
             Some(block) => {
                 let xp = SendPtr(x.as_mut_ptr());
                 let qp = SendPtr(qkv.as_mut_ptr());
@@ -168,17 +209,27 @@ pub fn encode(
                 });
             }
             None => {
-                let (mut a, mut inter) = (Vec::new(), Vec::new());
-                rest_of_layer(
-                    layer,
-                    next,
-                    &ctx,
-                    x,
-                    &mut qkv,
-                    tokens,
-                    (&mut a, &mut inter),
-                    threads,
-                );
+                // Taken out of the cell, as `PASS`: a thread waiting in a parallel
+                // matmul may run other work that encodes.
+                let (mut a, mut inter) = BLOCK.with(|c| c.take());
+                // In spans of at most `SPAN_ROWS`: each still reads a weight once for
+                // hundreds of rows, and a long batch's intermediate rows stay bounded.
+                let mut r0 = 0;
+                while r0 < tokens {
+                    let m = SPAN_ROWS.min(tokens - r0);
+                    rest_of_layer(
+                        layer,
+                        next,
+                        &ctx[r0 * hidden..(r0 + m) * hidden],
+                        &mut x[r0 * hidden..(r0 + m) * hidden],
+                        &mut qkv[r0 * 3 * hidden..(r0 + m) * 3 * hidden],
+                        m,
+                        (&mut a, &mut inter),
+                        threads,
+                    );
+                    r0 += m;
+                }
+                BLOCK.with(|c| c.replace((a, inter)));
             }
         }
         between();
@@ -189,6 +240,9 @@ pub fn encode(
         PASS.with(|c| c.replace((qkv, ctx)));
     }
 }
+
+/// Rows per span when a layer is split by columns (BERT-base: 12 MiB of intermediate).
+const SPAN_ROWS: usize = 1024;
 
 /// 16 MiB of Q/K/V rows (BERT-base: ~2,700 tokens).
 const KEEP_FLOATS: usize = 4 << 20;
@@ -310,10 +364,82 @@ mod tests {
 
     #[test]
     fn blocks_only_when_every_thread_gets_several() {
-        assert_eq!(block_rows(10, 2), None);
-        assert_eq!(block_rows(47, 2), None);
-        let b = block_rows(600, 2).unwrap();
+        assert_eq!(block_rows(10, 2, false), None);
+        assert_eq!(block_rows(47, 2, false), None);
+        let b = block_rows(600, 2, false).unwrap();
         assert!(b.is_multiple_of(12) && 600usize.div_ceil(b) >= 6, "{b}");
-        assert_eq!(block_rows(100_000, 2), Some(96));
+        assert_eq!(block_rows(100_000, 2, false), Some(96));
+        assert_eq!(block_rows(100_000, 2, true), None);
+    }
+
+    #[test]
+    fn large_layers_split_by_columns_on_avx512_only() {
+        // BERT-base f32 (28 MiB a layer) vs e5-small f32 and BERT-base int8 (7 MiB).
+        assert!(split_by_columns(28 << 20, Isa::Avx512));
+        assert!(!split_by_columns(7 << 20, Isa::Avx512));
+        assert!(!split_by_columns(28 << 20, Isa::Avx2));
+        assert!(!split_by_columns(28 << 20, Isa::Portable));
+    }
+
+    /// Both schedules compute the same rows: row blocks, and the column split in spans
+    /// (more tokens than one span, the last span short).
+    #[test]
+    fn row_blocks_and_column_spans_agree() {
+        use crate::embed::gemm::PackedLinear;
+        let (h, i, layers) = (32, 64, 2);
+        let tokens = 2 * SPAN_ROWS + 37;
+        let mut seed = 0x9e37_79b9_u32;
+        let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    (seed as f32 / u32::MAX as f32 - 0.5) * scale
+                })
+                .collect()
+        };
+        let mut lin = |n: usize, k: usize| PackedLinear::new(&rnd(n * k, 0.4), &rnd(n, 0.2), n, k);
+        let parts: Vec<_> = (0..layers)
+            .map(|_| (lin(3 * h, h), lin(h, h), lin(i, h), lin(h, i)))
+            .collect();
+        let norm = Norm {
+            gamma: vec![1.0; h],
+            beta: vec![0.0; h],
+            eps: 1e-12,
+        };
+        let cpu: Vec<CpuLayer> = parts
+            .iter()
+            .map(|(qkv, o, up, down)| CpuLayer {
+                qkv,
+                attn_out: o,
+                attn_norm: &norm,
+                intermediate: up,
+                output: down,
+                out_norm: &norm,
+            })
+            .collect();
+        // A per-row stand-in for attention: the context row is the query row, halved.
+        let attention = |qkv: &[f32], ctx: &mut [f32]| {
+            for (c, q) in ctx.chunks_mut(h).zip(qkv.chunks(3 * h)) {
+                for (o, v) in c.iter_mut().zip(q) {
+                    *o = v * 0.5;
+                }
+            }
+        };
+        let x0 = rnd(tokens * h, 2.0);
+        let run = |columns: bool| {
+            let mut x = x0.clone();
+            encode_scheduled(&cpu, &mut x, h, &attention, &mut || {}, columns);
+            x
+        };
+        let (rows, cols) = (run(false), run(true));
+        let worst = rows
+            .iter()
+            .zip(&cols)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "schedules differ by {worst}");
+        assert!(rows != x0, "the layers ran");
     }
 }

@@ -48,6 +48,8 @@ pub trait RowLinear: Sync {
     fn k(&self) -> usize;
     /// Column units (panels or blocks) the output can be split into.
     fn units(&self) -> usize;
+    /// Bytes of packed weights: what one pass over all the units reads.
+    fn weight_bytes(&self) -> usize;
     /// `out[r][c] = epi(Σ x[r][·] W[c][·])` for rows `0..m` and the columns of `units`.
     ///
     /// # Safety
@@ -144,6 +146,9 @@ impl RowLinear for PackedLinear {
     }
     fn units(&self) -> usize {
         self.panels
+    }
+    fn weight_bytes(&self) -> usize {
+        self.packed.len() * std::mem::size_of::<f32>()
     }
 
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {

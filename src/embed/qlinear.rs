@@ -267,6 +267,9 @@ impl RowLinear for QLinear {
     fn units(&self) -> usize {
         self.n.div_ceil(self.kernel.unit())
     }
+    fn weight_bytes(&self) -> usize {
+        self.packed.len()
+    }
 
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
         let epi = epi.parts();
