@@ -141,13 +141,12 @@ pub fn encode(
     attention: &(dyn Fn(&[f32], &mut [f32]) + Sync),
     between: &mut dyn FnMut(),
 ) {
-    let Some(first) = layers.first() else {
-        return;
-    };
-    let layer_bytes: usize = [first.qkv, first.attn_out, first.intermediate, first.output]
-        .iter()
-        .map(|l| l.weight_bytes())
-        .sum();
+    let layer_bytes = layers.first().map_or(0, |l| {
+        [l.qkv, l.attn_out, l.intermediate, l.output]
+            .iter()
+            .map(|lin| lin.weight_bytes())
+            .sum()
+    });
     let columns = split_by_columns(layer_bytes, gemm::isa());
     encode_scheduled(layers, x, hidden, attention, between, columns);
 }
