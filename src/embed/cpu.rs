@@ -104,8 +104,8 @@ thread_local! {
     static BLOCK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// A layer's weights from which, on AVX-512, each matmul is split by columns over the
-/// whole batch instead of running the layer per row block (see `block_rows`).
+/// A layer's weights from which each matmul is split by columns over the whole batch
+/// instead of running the layer per row block (see `block_rows`).
 const STREAM_ONCE_BYTES: usize = 16 << 20;
 
 /// Rows per block: enough for the micro-kernels' tiles and to reuse each weight panel,
@@ -119,8 +119,10 @@ const STREAM_ONCE_BYTES: usize = 16 << 20;
 /// on Intel Xeon (AVX-512, 2 cores) BERT-base f32 ran 72–75 sent/s split by columns
 /// against 63–65 in row blocks, interleaved, while e5-small f32 (7 MiB a layer) and every
 /// int8 model (7 MiB for BERT-base) ran slower split by columns (int8: 30% slower, each
-/// column part quantising all the rows again). Measured on AVX-512 only: AVX2 machines
-/// keep row blocks until measured (docs/PERFORMANCE.md, session 12).
+/// column part quantising all the rows again, which it no longer does). On AMD EPYC Zen 3
+/// (AVX2, 2 cores, 32 MiB of L3) BERT-base f32 split by columns won 8 of 11 interleaved
+/// pairs, median +6%, and int8 lost 5–8% even with its rows quantised once
+/// (docs/PERFORMANCE.md, sessions 12 and 13).
 fn block_rows(tokens: usize, threads: usize, columns: bool) -> Option<usize> {
     const MIN: usize = 12;
     const MAX: usize = 96;
@@ -152,8 +154,9 @@ pub fn encode(
 }
 
 /// Whether a layer of `layer_bytes` of weights runs split by columns (see `block_rows`).
+/// The portable loop keeps row blocks: it is too slow for the weight traffic to matter.
 fn split_by_columns(layer_bytes: usize, isa: Isa) -> bool {
-    isa == Isa::Avx512 && layer_bytes >= STREAM_ONCE_BYTES
+    isa != Isa::Portable && layer_bytes >= STREAM_ONCE_BYTES
 }
 
 /// [`encode`], in row blocks or (`columns`, or a batch too small for blocks) split by
@@ -318,14 +321,8 @@ fn linear_all(
         unsafe { lin.run(x, m, out.as_mut_ptr(), epi, 0..units) };
         return;
     }
-    let per = units.div_ceil(parts);
-    let ptr = SendPtr(out.as_mut_ptr());
-    (0..parts).into_par_iter().for_each(|p| {
-        let ptr = &ptr;
-        let range = p * per..((p + 1) * per).min(units);
-        // SAFETY: each task writes the columns of its own units only.
-        unsafe { lin.run(x, m, ptr.0, epi, range) };
-    });
+    // SAFETY: `out` holds m rows of n; the parts write disjoint columns.
+    unsafe { lin.run_split(x, m, out.as_mut_ptr(), epi, parts) };
 }
 
 #[cfg(test)]
@@ -372,11 +369,12 @@ mod tests {
     }
 
     #[test]
-    fn large_layers_split_by_columns_on_avx512_only() {
+    fn large_layers_split_by_columns() {
         // BERT-base f32 (28 MiB a layer) vs e5-small f32 and BERT-base int8 (7 MiB).
         assert!(split_by_columns(28 << 20, Isa::Avx512));
+        assert!(split_by_columns(28 << 20, Isa::Avx2));
         assert!(!split_by_columns(7 << 20, Isa::Avx512));
-        assert!(!split_by_columns(28 << 20, Isa::Avx2));
+        assert!(!split_by_columns(7 << 20, Isa::Avx2));
         assert!(!split_by_columns(28 << 20, Isa::Portable));
     }
 

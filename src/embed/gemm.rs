@@ -56,6 +56,26 @@ pub trait RowLinear: Sync {
     /// `x` holds `m` rows of `k`; `out` points at `m` rows of `n` floats (and a residual,
     /// if any, has as many); only the columns of `units` are written.
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>);
+
+    /// All the units for rows `0..m`, in `parts` tasks of consecutive units on the thread
+    /// pool. A layer whose rows need preparing (int8 quantises them) overrides this to
+    /// prepare them once, not once per part.
+    ///
+    /// # Safety
+    /// As [`RowLinear::run`], for all the units.
+    unsafe fn run_split(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, parts: usize) {
+        let units = self.units();
+        if units == 0 {
+            return;
+        }
+        let per = units.div_ceil(parts.max(1));
+        let ptr = SendPtr(out);
+        (0..units.div_ceil(per)).into_par_iter().for_each(|p| {
+            let ptr = &ptr;
+            // SAFETY: each task writes the columns of its own units only.
+            unsafe { self.run(x, m, ptr.0, epi, p * per..((p + 1) * per).min(units)) };
+        });
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

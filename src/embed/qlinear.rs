@@ -30,7 +30,10 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
+use rayon::prelude::*;
+
 use super::gemm::{cpu_fwd_linear, par_forward, Epilogue, RowLinear};
+use super::ops::SendPtr;
 
 /// Output channels per packed block: one 512-bit register of i32 sums.
 const NB_COLS: usize = 16;
@@ -272,68 +275,145 @@ impl RowLinear for QLinear {
     }
 
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
-        let epi = epi.parts();
-        // The residual of rows from `r` on.
-        let res_at = |r: usize| {
-            (
-                epi.0,
-                if epi.1.is_null() {
-                    epi.1
-                } else {
-                    epi.1.add(r * self.n)
-                },
-            )
-        };
         #[cfg(target_arch = "x86_64")]
         if self.kernel == Kernel::Avx2 {
             return QROWS16.with(|cell| {
                 let (qa, sa) = &mut *cell.borrow_mut();
                 self.quantize_rows_i16(x, m, qa, sa);
-                let blocks = self.n.div_ceil(NB_COLS_256);
-                for g in units {
-                    let blk0 = g * NB_256;
-                    let nb = NB_256.min(blocks - blk0);
-                    let mut r = 0;
-                    while r < m {
-                        let mr = MR_256.min(m - r);
-                        let a = qa.as_ptr().add(r * self.kp);
-                        avx2::tile(
-                            self,
-                            a,
-                            &sa[r..r + mr],
-                            blk0,
-                            nb,
-                            out.add(r * self.n),
-                            res_at(r),
-                        );
-                        r += mr;
-                    }
-                }
+                self.tiles_i16(qa, sa, out, epi, units);
             });
         }
-        let fast = self.kernel == Kernel::Vnni;
         QROWS.with(|cell| {
             let (qa, sa) = &mut *cell.borrow_mut();
             self.quantize_rows(x, m, qa, sa);
-            for g in units {
-                let blk0 = g * NB;
-                let nb = NB.min(self.n.div_ceil(NB_COLS) - blk0);
-                let mut r = 0;
-                while r < m {
-                    let mr = MR.min(m - r);
-                    let a = qa.as_ptr().add(r * self.kp);
-                    let o = out.add(r * self.n);
-                    if fast {
-                        #[cfg(target_arch = "x86_64")]
-                        vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, res_at(r));
-                    } else {
-                        let cols = blk0 * NB_COLS..((blk0 + nb) * NB_COLS).min(self.n);
-                        self.portable_tile(a, &sa[r..r + mr], cols, o, res_at(r));
-                    }
-                    r += mr;
-                }
-            }
+            self.tiles_u8(qa, sa, out, epi, units);
         });
+    }
+
+    /// Quantises the rows once, then runs the parts over the pool from the shared rows
+    /// (the default would quantise all of them again in every part).
+    unsafe fn run_split(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, parts: usize) {
+        let units = self.units();
+        if units == 0 {
+            return;
+        }
+        let per = units.div_ceil(parts.max(1));
+        let ptr = SendPtr(out);
+        let tasks = 0..units.div_ceil(per);
+        let span = move |p: usize| p * per..((p + 1) * per).min(units);
+        // Taken out of the cell, not borrowed: while it waits for the parts, this thread
+        // may run other tasks that quantise rows of their own.
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Avx2 {
+            let (mut qa, mut sa) = QROWS16.with(|c| c.take());
+            self.quantize_rows_i16(x, m, &mut qa, &mut sa);
+            tasks.into_par_iter().for_each(|p| {
+                let ptr = &ptr;
+                // SAFETY: each task writes the columns of its own units only.
+                unsafe { self.tiles_i16(&qa, &sa, ptr.0, epi, span(p)) };
+            });
+            QROWS16.with(|c| c.replace((qa, sa)));
+            return;
+        }
+        let (mut qa, mut sa) = QROWS.with(|c| c.take());
+        self.quantize_rows(x, m, &mut qa, &mut sa);
+        tasks.into_par_iter().for_each(|p| {
+            let ptr = &ptr;
+            // SAFETY: as above.
+            unsafe { self.tiles_u8(&qa, &sa, ptr.0, epi, span(p)) };
+        });
+        QROWS.with(|c| c.replace((qa, sa)));
+    }
+}
+
+impl QLinear {
+    /// The AVX2 kernel's tiles for `units`, over the `sa.len()` rows of `qa` (quantised
+    /// by [`Self::quantize_rows_i16`]).
+    ///
+    /// # Safety
+    /// As [`RowLinear::run`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tiles_i16(
+        &self,
+        qa: &[i16],
+        sa: &[f32],
+        out: *mut f32,
+        epi: &Epilogue,
+        units: Range<usize>,
+    ) {
+        let m = sa.len();
+        let blocks = self.n.div_ceil(NB_COLS_256);
+        for g in units {
+            let blk0 = g * NB_256;
+            let nb = NB_256.min(blocks - blk0);
+            let mut r = 0;
+            while r < m {
+                let mr = MR_256.min(m - r);
+                let a = qa.as_ptr().add(r * self.kp);
+                avx2::tile(
+                    self,
+                    a,
+                    &sa[r..r + mr],
+                    blk0,
+                    nb,
+                    out.add(r * self.n),
+                    self.residual_from(epi, r),
+                );
+                r += mr;
+            }
+        }
+    }
+
+    /// The VNNI kernel's tiles (or the portable loop's) for `units`, over the `sa.len()`
+    /// rows of `qa` (quantised by [`Self::quantize_rows`]).
+    ///
+    /// # Safety
+    /// As [`RowLinear::run`].
+    unsafe fn tiles_u8(
+        &self,
+        qa: &[u8],
+        sa: &[f32],
+        out: *mut f32,
+        epi: &Epilogue,
+        units: Range<usize>,
+    ) {
+        let m = sa.len();
+        let fast = self.kernel == Kernel::Vnni;
+        for g in units {
+            let blk0 = g * NB;
+            let nb = NB.min(self.n.div_ceil(NB_COLS) - blk0);
+            let mut r = 0;
+            while r < m {
+                let mr = MR.min(m - r);
+                let a = qa.as_ptr().add(r * self.kp);
+                let o = out.add(r * self.n);
+                let epi = self.residual_from(epi, r);
+                if fast {
+                    #[cfg(target_arch = "x86_64")]
+                    vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, epi);
+                } else {
+                    let cols = blk0 * NB_COLS..((blk0 + nb) * NB_COLS).min(self.n);
+                    self.portable_tile(a, &sa[r..r + mr], cols, o, epi);
+                }
+                r += mr;
+            }
+        }
+    }
+
+    /// The epilogue's parts for the rows from `r` on: GELU, and the residual's row `r`.
+    ///
+    /// # Safety
+    /// A residual, if any, holds more than `r` rows of `n`.
+    unsafe fn residual_from(&self, epi: &Epilogue, r: usize) -> (bool, *const f32) {
+        let (gelu, res) = epi.parts();
+        (
+            gelu,
+            if res.is_null() {
+                res
+            } else {
+                res.add(r * self.n)
+            },
+        )
     }
 }
 
@@ -771,6 +851,35 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Split over the pool from rows quantised once, every kernel gives what one call
+    /// over all the units gives, for any number of parts (more parts than units too).
+    #[test]
+    fn split_runs_equal_one_run() {
+        let (m, n, k) = (45, 200, 96);
+        let mut seed = 11;
+        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+        let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+        let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if Kernel::detect() != Kernel::Portable {
+            kernels.push(Kernel::detect());
+        }
+        for kernel in kernels {
+            let q = QLinear::with_kernel(&w, &b, n, k, kernel);
+            let epi = Epilogue::BiasResidual(&res);
+            let mut whole = vec![0f32; m * n];
+            // SAFETY: m rows of k in, m rows of n out, for every test below.
+            unsafe { q.run(&x, m, whole.as_mut_ptr(), &epi, 0..q.units()) };
+            for parts in [1, 2, 5, q.units(), q.units() + 3] {
+                let mut split = vec![f32::NAN; m * n];
+                unsafe { q.run_split(&x, m, split.as_mut_ptr(), &epi, parts) };
+                assert_eq!(split, whole, "{kernel:?} in {parts} parts");
             }
         }
     }
