@@ -111,6 +111,9 @@ pub struct PackedLinear {
     packed: Vec<f32>,
     /// Padded to `panels * nr`.
     bias: Vec<f32>,
+    /// Whether the rows are copied into tiles before the kernel reads them
+    /// ([`PackedLinear::packs_rows`]).
+    pack_rows: bool,
 }
 
 impl PackedLinear {
@@ -141,6 +144,7 @@ impl PackedLinear {
             isa,
             packed,
             bias: b,
+            pack_rows: isa == Isa::Avx512 && k.is_multiple_of(1024),
         }
     }
 
@@ -172,80 +176,151 @@ impl RowLinear for PackedLinear {
     }
 
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
-        debug_assert!(x.len() >= m * self.k && units.end <= self.panels);
-        let (gelu, res) = epi.parts();
-        let (k, n, nr) = (self.k, self.n, self.nr);
-        let mr = match self.isa {
+        if !self.packs_rows() {
+            return self.run_rows(x, m, out, epi, units, Rows::InPlace);
+        }
+        APACK.with(|cell| {
+            let pack = &mut *cell.borrow_mut();
+            self.run_rows(x, m, out, epi, units, Rows::PackEachChunk(pack))
+        })
+    }
+
+    /// Rows that want packing are packed once, all `k` of them, for every part.
+    unsafe fn run_split(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, parts: usize) {
+        let units = self.panels;
+        if units == 0 {
+            return;
+        }
+        let per = units.div_ceil(parts.max(1));
+        let ptr = SendPtr(out);
+        let tasks = 0..units.div_ceil(per);
+        let span = move |p: usize| p * per..((p + 1) * per).min(units);
+        if !self.packs_rows() {
+            return tasks.into_par_iter().for_each(|p| {
+                let ptr = &ptr;
+                // SAFETY: each task writes the columns of its own units only.
+                unsafe { self.run_rows(x, m, ptr.0, epi, span(p), Rows::InPlace) };
+            });
+        }
+        // Taken out of the cell, not borrowed: while it waits for the parts, this thread
+        // may run other tasks that pack rows of their own.
+        let mut pack = APACK_ALL.with(|c| c.take());
+        pack_tiles(x, self.k, m, self.mr(), 0, self.k, &mut pack);
+        tasks.into_par_iter().for_each(|p| {
+            let ptr = &ptr;
+            // SAFETY: as above.
+            unsafe { self.run_rows(x, m, ptr.0, epi, span(p), Rows::Packed(&pack)) };
+        });
+        // Kept up to a span of BERT-base's FFN rows (1024 × 3072); a rare larger one is
+        // given back.
+        if pack.capacity() <= 4 << 20 {
+            APACK_ALL.with(|c| c.replace(pack));
+        }
+    }
+}
+
+/// Where a tile's rows come from.
+enum Rows<'a> {
+    /// Read in place from `x`.
+    InPlace,
+    /// Copied into tiles chunk by chunk, in this buffer (see [`pack_tiles`]).
+    PackEachChunk(&'a mut Vec<f32>),
+    /// Already in tiles, all `k` deep (`pack_tiles` with `k0 = 0, kc = k`).
+    Packed(&'a [f32]),
+}
+
+impl PackedLinear {
+    /// Rows per micro-tile.
+    fn mr(&self) -> usize {
+        match self.isa {
             Isa::Avx512 => MR_512,
             Isa::Avx2 => MR_256,
             Isa::Portable => 4,
-        };
+        }
+    }
+
+    /// Rows whose stride is a multiple of 4 KiB (k = 1024, 2048, 3072: BERT-base's FFN
+    /// down projection) fall into one L1 set, and the 12 rows of an AVX-512 tile evict
+    /// each other (25% slower on AMD EPYC): those are copied into tiles, `[k][rows]` per
+    /// tile, which the kernel then reads as one stream. Other strides are read in place
+    /// (the copy costs up to 10% where n is small).
+    fn packs_rows(&self) -> bool {
+        self.pack_rows
+    }
+
+    /// [`RowLinear::run`] with the rows from `rows`.
+    ///
+    /// # Safety
+    /// As [`RowLinear::run`]; `Rows::Packed` holds `m` rows of `x` in tiles.
+    unsafe fn run_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: *mut f32,
+        epi: &Epilogue,
+        units: Range<usize>,
+        mut rows_from: Rows,
+    ) {
+        debug_assert!(x.len() >= m * self.k && units.end <= self.panels);
+        let (gelu, res) = epi.parts();
+        let (k, n, nr, mr) = (self.k, self.n, self.nr, self.mr());
         // Depth chunks outermost: a block's rows times one chunk stay in L2 while every
-        // panel of the range passes over them. Rows whose stride is a multiple of 4 KiB
-        // (k = 1024, 2048, 3072: BERT-base's FFN down projection) fall into one L1 set,
-        // and the 12 rows of an AVX-512 tile evict each other (25% slower on AMD EPYC):
-        // those are first copied into tiles, `[k][rows]` per tile, which the kernel then
-        // reads as one stream. Other strides are read in place (the copy costs up to 10%
-        // where n is small).
-        let pack_rows = self.isa == Isa::Avx512 && k.is_multiple_of(1024);
-        APACK.with(|cell| {
-            let pack = &mut *cell.borrow_mut();
-            let mut k0 = 0;
-            loop {
-                let kc = KC.min(k - k0);
-                let (first, last) = (k0 == 0, k0 + kc == k);
-                if pack_rows {
-                    pack_tiles(x, k, m, mr, k0, kc, pack);
-                }
-                for p in units.clone() {
-                    let c0 = p * nr;
-                    let valid = (n - c0).min(nr);
-                    let w = self.packed.as_ptr().add((p * k + k0) * nr);
-                    let bias = self.bias.as_ptr().add(c0);
-                    let mut r = 0;
-                    while r < m {
-                        let rows = mr.min(m - r);
-                        // Element (i, kk) of the tile is at a[i·row_step + kk·k_step].
-                        let (a, row_step, k_step) = if pack_rows {
-                            (pack.as_ptr().add(r * kc), 1, rows)
+        // panel of the range passes over them.
+        let mut k0 = 0;
+        loop {
+            let kc = KC.min(k - k0);
+            let (first, last) = (k0 == 0, k0 + kc == k);
+            if let Rows::PackEachChunk(pack) = &mut rows_from {
+                pack_tiles(x, k, m, mr, k0, kc, pack);
+            }
+            for p in units.clone() {
+                let c0 = p * nr;
+                let valid = (n - c0).min(nr);
+                let w = self.packed.as_ptr().add((p * k + k0) * nr);
+                let bias = self.bias.as_ptr().add(c0);
+                let mut r = 0;
+                while r < m {
+                    let rows = mr.min(m - r);
+                    // Element (i, kk) of the tile is at a[i·row_step + kk·k_step].
+                    let (a, row_step, k_step) = match &rows_from {
+                        Rows::InPlace => (x.as_ptr().add(r * k + k0), k, 1),
+                        Rows::PackEachChunk(pack) => (pack.as_ptr().add(r * kc), 1, rows),
+                        Rows::Packed(pack) => (pack.as_ptr().add(r * k + k0 * rows), 1, rows),
+                    };
+                    let t = Tile {
+                        a,
+                        row_step,
+                        k_step,
+                        kc,
+                        w,
+                        out: out.add(r * n + c0),
+                        n,
+                        valid,
+                        first,
+                        last,
+                        bias,
+                        res: if res.is_null() {
+                            res
                         } else {
-                            (x.as_ptr().add(r * k + k0), k, 1)
-                        };
-                        let t = Tile {
-                            a,
-                            row_step,
-                            k_step,
-                            kc,
-                            w,
-                            out: out.add(r * n + c0),
-                            n,
-                            valid,
-                            first,
-                            last,
-                            bias,
-                            res: if res.is_null() {
-                                res
-                            } else {
-                                res.add(r * n + c0)
-                            },
-                            gelu,
-                        };
-                        match self.isa {
-                            #[cfg(target_arch = "x86_64")]
-                            Isa::Avx512 => x86::tile512(rows, &t),
-                            #[cfg(target_arch = "x86_64")]
-                            Isa::Avx2 => x86::tile256(rows, &t),
-                            _ => tile_portable(rows, nr, &t),
-                        }
-                        r += rows;
+                            res.add(r * n + c0)
+                        },
+                        gelu,
+                    };
+                    match self.isa {
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512 => x86::tile512(rows, &t),
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => x86::tile256(rows, &t),
+                        _ => tile_portable(rows, nr, &t),
                     }
-                }
-                k0 += kc;
-                if k0 >= k {
-                    break;
+                    r += rows;
                 }
             }
-        });
+            k0 += kc;
+            if k0 >= k {
+                break;
+            }
+        }
     }
 }
 
@@ -253,6 +328,8 @@ thread_local! {
     /// The row tiles of the chunk in progress (grown, never shrunk: at most one block of
     /// rows times `KC`).
     static APACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// All of a matmul's rows in tiles, shared by its column parts (`run_split`).
+    static APACK_ALL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Copies columns `k0..k0 + kc` of rows `0..m` of `x` (row stride `k`) into `pack` as
@@ -614,6 +691,51 @@ pub(crate) mod tests {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Split over the pool, from rows read in place or packed once for all the parts,
+    /// every kernel gives what one call over all the units gives; with two depth
+    /// chunks (k = 2048 > KC) and any number of parts.
+    #[test]
+    fn split_runs_equal_one_run() {
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if isa() != Isa::Portable {
+            isas.push(isa());
+        }
+        for isa in isas {
+            for (m, n, k) in [(45, 70, 96), (29, 40, 2048)] {
+                let mut seed = (m + n + k) as u64;
+                let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+                let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+                let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+                let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+                let mut lin = PackedLinear::with_isa(&w, &b, n, k, isa);
+                for pack_rows in [false, true] {
+                    lin.pack_rows = pack_rows;
+                    let epi = Epilogue::BiasResidual(&res);
+                    let mut whole = vec![0f32; m * n];
+                    // SAFETY: m rows of k in, m rows of n out, here and below.
+                    unsafe { lin.run(&x, m, whole.as_mut_ptr(), &epi, 0..lin.units()) };
+                    let want = reference(&x, &w, &b, m, n, k);
+                    for (i, (g, r)) in whole.iter().zip(&want).enumerate() {
+                        let r = (r + res[i] as f64) as f32;
+                        assert!(
+                            (g - r).abs() < 1e-3,
+                            "{isa:?} {m}x{n}x{k} at {i}: {g} vs {r}"
+                        );
+                    }
+                    for parts in [2, 3, lin.units() + 1] {
+                        let mut split = vec![f32::NAN; m * n];
+                        unsafe { lin.run_split(&x, m, split.as_mut_ptr(), &epi, parts) };
+                        assert_eq!(
+                            split, whole,
+                            "{isa:?} {m}x{n}x{k} packed {pack_rows}, {parts} parts"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// `x Wᵀ + b` in f64, the tests' reference for every kernel.
