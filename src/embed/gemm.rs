@@ -64,18 +64,30 @@ pub trait RowLinear: Sync {
     /// # Safety
     /// As [`RowLinear::run`], for all the units.
     unsafe fn run_split(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, parts: usize) {
-        let units = self.units();
-        if units == 0 {
-            return;
-        }
-        let per = units.div_ceil(parts.max(1));
-        let ptr = SendPtr(out);
-        (0..units.div_ceil(per)).into_par_iter().for_each(|p| {
-            let ptr = &ptr;
-            // SAFETY: each task writes the columns of its own units only.
-            unsafe { self.run(x, m, ptr.0, epi, p * per..((p + 1) * per).min(units)) };
+        // SAFETY: each part writes the columns of its own units only.
+        for_each_part(self.units(), parts, out, |o, units| unsafe {
+            self.run(x, m, o, epi, units)
         });
     }
+}
+
+/// Splits `0..units` into at most `parts` ranges of consecutive units and runs `part`
+/// on each, over the thread pool, with the output pointer.
+pub(crate) fn for_each_part(
+    units: usize,
+    parts: usize,
+    out: *mut f32,
+    part: impl Fn(*mut f32, Range<usize>) + Sync,
+) {
+    if units == 0 {
+        return;
+    }
+    let per = units.div_ceil(parts.max(1));
+    let ptr = SendPtr(out);
+    (0..units.div_ceil(per)).into_par_iter().for_each(|p| {
+        let ptr = &ptr;
+        part(ptr.0, p * per..((p + 1) * per).min(units));
+    });
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -187,32 +199,22 @@ impl RowLinear for PackedLinear {
 
     /// Rows that want packing are packed once, all `k` of them, for every part.
     unsafe fn run_split(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, parts: usize) {
-        let units = self.panels;
-        if units == 0 {
-            return;
-        }
-        let per = units.div_ceil(parts.max(1));
-        let ptr = SendPtr(out);
-        let tasks = 0..units.div_ceil(per);
-        let span = move |p: usize| p * per..((p + 1) * per).min(units);
         if !self.packs_rows() {
-            return tasks.into_par_iter().for_each(|p| {
-                let ptr = &ptr;
-                // SAFETY: each task writes the columns of its own units only.
-                unsafe { self.run_rows(x, m, ptr.0, epi, span(p), Rows::InPlace) };
+            // SAFETY: each part writes the columns of its own units only.
+            return for_each_part(self.panels, parts, out, |o, units| unsafe {
+                self.run_rows(x, m, o, epi, units, Rows::InPlace)
             });
         }
         // Taken out of the cell, not borrowed: while it waits for the parts, this thread
         // may run other tasks that pack rows of their own.
         let mut pack = APACK_ALL.with(|c| c.take());
         pack_tiles(x, self.k, m, self.mr(), 0, self.k, &mut pack);
-        tasks.into_par_iter().for_each(|p| {
-            let ptr = &ptr;
-            // SAFETY: as above.
-            unsafe { self.run_rows(x, m, ptr.0, epi, span(p), Rows::Packed(&pack)) };
+        // SAFETY: as above.
+        for_each_part(self.panels, parts, out, |o, units| unsafe {
+            self.run_rows(x, m, o, epi, units, Rows::Packed(&pack))
         });
-        // Kept up to a span of BERT-base's FFN rows (1024 × 3072); a rare larger one is
-        // given back.
+        // Kept up to 4 Mi floats (a span of BERT-base's FFN rows, 1024 × 3072); a rare
+        // larger one is given back.
         if pack.capacity() <= 4 << 20 {
             APACK_ALL.with(|c| c.replace(pack));
         }

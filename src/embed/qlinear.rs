@@ -30,10 +30,7 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
-use rayon::prelude::*;
-
-use super::gemm::{cpu_fwd_linear, par_forward, Epilogue, RowLinear};
-use super::ops::SendPtr;
+use super::gemm::{cpu_fwd_linear, for_each_part, par_forward, Epilogue, RowLinear};
 
 /// Output channels per packed block: one 512-bit register of i32 sums.
 const NB_COLS: usize = 16;
@@ -294,33 +291,24 @@ impl RowLinear for QLinear {
     /// (the default would quantise all of them again in every part).
     unsafe fn run_split(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, parts: usize) {
         let units = self.units();
-        if units == 0 {
-            return;
-        }
-        let per = units.div_ceil(parts.max(1));
-        let ptr = SendPtr(out);
-        let tasks = 0..units.div_ceil(per);
-        let span = move |p: usize| p * per..((p + 1) * per).min(units);
         // Taken out of the cell, not borrowed: while it waits for the parts, this thread
         // may run other tasks that quantise rows of their own.
         #[cfg(target_arch = "x86_64")]
         if self.kernel == Kernel::Avx2 {
             let (mut qa, mut sa) = QROWS16.with(|c| c.take());
             self.quantize_rows_i16(x, m, &mut qa, &mut sa);
-            tasks.into_par_iter().for_each(|p| {
-                let ptr = &ptr;
-                // SAFETY: each task writes the columns of its own units only.
-                unsafe { self.tiles_i16(&qa, &sa, ptr.0, epi, span(p)) };
+            // SAFETY: each part writes the columns of its own units only.
+            for_each_part(units, parts, out, |o, u| unsafe {
+                self.tiles_i16(&qa, &sa, o, epi, u)
             });
             QROWS16.with(|c| c.replace((qa, sa)));
             return;
         }
         let (mut qa, mut sa) = QROWS.with(|c| c.take());
         self.quantize_rows(x, m, &mut qa, &mut sa);
-        tasks.into_par_iter().for_each(|p| {
-            let ptr = &ptr;
-            // SAFETY: as above.
-            unsafe { self.tiles_u8(&qa, &sa, ptr.0, epi, span(p)) };
+        // SAFETY: as above.
+        for_each_part(units, parts, out, |o, u| unsafe {
+            self.tiles_u8(&qa, &sa, o, epi, u)
         });
         QROWS.with(|c| c.replace((qa, sa)));
     }
