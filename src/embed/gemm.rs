@@ -31,12 +31,13 @@ pub enum Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
-    /// Whether to apply GELU, and the residual (null for none): what the kernels take.
-    pub(crate) fn parts(&self) -> (bool, *const f32) {
+    /// Whether to apply GELU, and the residual (null for none) moved to the output
+    /// element `at` (row-major, stride `n`): what the kernels take.
+    pub(crate) fn parts_at(&self, at: usize) -> (bool, *const f32) {
         match self {
             Epilogue::Bias => (false, std::ptr::null()),
             Epilogue::BiasGelu => (true, std::ptr::null()),
-            Epilogue::BiasResidual(r) => (false, r.as_ptr()),
+            Epilogue::BiasResidual(r) => (false, r[at..].as_ptr()),
         }
     }
 }
@@ -123,8 +124,12 @@ pub struct PackedLinear {
     packed: Vec<f32>,
     /// Padded to `panels * nr`.
     bias: Vec<f32>,
-    /// Whether the rows are copied into tiles before the kernel reads them
-    /// ([`PackedLinear::packs_rows`]).
+    /// Whether the rows are copied into tiles before the kernel reads them. Rows whose
+    /// stride is a multiple of 4 KiB (k = 1024, 2048, 3072: BERT-base's FFN down
+    /// projection) fall into one L1 set, and the 12 rows of an AVX-512 tile evict each
+    /// other (25% slower on AMD EPYC): those are copied into tiles, `[k][rows]` per tile,
+    /// which the kernel then reads as one stream. Other strides are read in place (the
+    /// copy costs up to 10% where n is small).
     pack_rows: bool,
 }
 
@@ -188,7 +193,7 @@ impl RowLinear for PackedLinear {
     }
 
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
-        if !self.packs_rows() {
+        if !self.pack_rows {
             return self.run_rows(x, m, out, epi, units, Rows::InPlace);
         }
         APACK.with(|cell| {
@@ -199,7 +204,7 @@ impl RowLinear for PackedLinear {
 
     /// Rows that want packing are packed once, all `k` of them, for every part.
     unsafe fn run_split(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, parts: usize) {
-        if !self.packs_rows() {
+        if !self.pack_rows {
             // SAFETY: each part writes the columns of its own units only.
             return for_each_part(self.panels, parts, out, |o, units| unsafe {
                 self.run_rows(x, m, o, epi, units, Rows::InPlace)
@@ -241,15 +246,6 @@ impl PackedLinear {
         }
     }
 
-    /// Rows whose stride is a multiple of 4 KiB (k = 1024, 2048, 3072: BERT-base's FFN
-    /// down projection) fall into one L1 set, and the 12 rows of an AVX-512 tile evict
-    /// each other (25% slower on AMD EPYC): those are copied into tiles, `[k][rows]` per
-    /// tile, which the kernel then reads as one stream. Other strides are read in place
-    /// (the copy costs up to 10% where n is small).
-    fn packs_rows(&self) -> bool {
-        self.pack_rows
-    }
-
     /// [`RowLinear::run`] with the rows from `rows`.
     ///
     /// # Safety
@@ -264,7 +260,6 @@ impl PackedLinear {
         mut rows_from: Rows,
     ) {
         debug_assert!(x.len() >= m * self.k && units.end <= self.panels);
-        let (gelu, res) = epi.parts();
         let (k, n, nr, mr) = (self.k, self.n, self.nr, self.mr());
         // Depth chunks outermost: a block's rows times one chunk stay in L2 while every
         // panel of the range passes over them.
@@ -289,6 +284,7 @@ impl PackedLinear {
                         Rows::PackEachChunk(pack) => (pack.as_ptr().add(r * kc), 1, rows),
                         Rows::Packed(pack) => (pack.as_ptr().add(r * k + k0 * rows), 1, rows),
                     };
+                    let (gelu, res) = epi.parts_at(r * n + c0);
                     let t = Tile {
                         a,
                         row_step,
@@ -301,11 +297,7 @@ impl PackedLinear {
                         first,
                         last,
                         bias,
-                        res: if res.is_null() {
-                            res
-                        } else {
-                            res.add(r * n + c0)
-                        },
+                        res,
                         gelu,
                     };
                     match self.isa {

@@ -345,7 +345,7 @@ impl QLinear {
                     blk0,
                     nb,
                     out.add(r * self.n),
-                    self.residual_from(epi, r),
+                    epi.parts_at(r * self.n),
                 );
                 r += mr;
             }
@@ -375,7 +375,7 @@ impl QLinear {
                 let mr = MR.min(m - r);
                 let a = qa.as_ptr().add(r * self.kp);
                 let o = out.add(r * self.n);
-                let epi = self.residual_from(epi, r);
+                let epi = epi.parts_at(r * self.n);
                 if fast {
                     #[cfg(target_arch = "x86_64")]
                     vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, epi);
@@ -386,22 +386,6 @@ impl QLinear {
                 r += mr;
             }
         }
-    }
-
-    /// The epilogue's parts for the rows from `r` on: GELU, and the residual's row `r`.
-    ///
-    /// # Safety
-    /// A residual, if any, holds more than `r` rows of `n`.
-    unsafe fn residual_from(&self, epi: &Epilogue, r: usize) -> (bool, *const f32) {
-        let (gelu, res) = epi.parts();
-        (
-            gelu,
-            if res.is_null() {
-                res
-            } else {
-                res.add(r * self.n)
-            },
-        )
     }
 }
 
@@ -830,7 +814,7 @@ mod tests {
                     let mut slow = vec![0f32; m * n];
                     // SAFETY: m rows of qa in, m rows of n out.
                     unsafe {
-                        q.portable_tile(qa.as_ptr(), &sa, 0..n, slow.as_mut_ptr(), epi.parts())
+                        q.portable_tile(qa.as_ptr(), &sa, 0..n, slow.as_mut_ptr(), epi.parts_at(0))
                     };
                     for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
                         assert!(
