@@ -1,6 +1,7 @@
 //! The sentence encoder: model folders, tokenisation, the BERT forward pass, and the
 //! dedicated encoder thread that async code reaches through a bounded channel.
 
+pub mod amx;
 pub mod bert;
 pub mod config;
 pub mod cpu;

@@ -1,0 +1,157 @@
+//! Intel AMX tiles for the int8 linear layers (`qlinear`): the one place with assembly.
+//!
+//! AMX adds eight tile registers of up to 16 rows × 64 bytes and `tdpbusd`, which adds
+//! the products of a 16 × 64 tile of u8 rows and a 16 × 64 tile of i8 weights (16
+//! channels, four inputs each: the layout the VNNI kernel already packs) into a 16 × 16
+//! tile of i32 sums: 16,384 multiply-adds an instruction, 64 times a `vpdpbusd`, and the
+//! same integers (u8·i8 summed in i32, no saturation).
+//!
+//! Rust has no stable AMX intrinsics, so the kernel is `asm!`. The compiler never uses
+//! tile registers itself, so their state is ours between the configuration and the
+//! release, which both happen inside one sequential call on one thread.
+//!
+//! Linux hands out the tile state only to a process that asks (`arch_prctl`
+//! `ARCH_REQ_XCOMP_PERM`); [`available`] asks once and says no when the kernel refuses.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::asm;
+
+/// Rows of an A tile (and of a C tile).
+pub const ROWS: usize = 16;
+/// Bytes of a row of an A tile: 64 inputs.
+pub const K_STEP: usize = 64;
+/// Rows and channels one call of [`tile_32x32`] computes.
+pub const TILE: usize = 32;
+
+/// Whether this processor has AMX with int8 and the operating system lets this process
+/// use it (asked once).
+pub fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            // Leaf 7 exists on every processor with AVX-512 (checked first).
+            if !is_x86_feature_detected!("avx512f") {
+                return false;
+            }
+            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+            let (tile, int8) = (leaf7.edx >> 24 & 1 == 1, leaf7.edx >> 25 & 1 == 1);
+            if !(tile && int8) {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain system call with integer arguments.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            };
+            r == 0
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
+    })
+}
+
+/// The tile configuration every call uses: tiles 0–3 the 16 × 16 i32 sums, 4–5 two
+/// 16-row blocks of activations, 6–7 two blocks of 16 channels' weights; all 16 rows of
+/// 64 bytes.
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+const CONFIG: Config = {
+    let mut c = [0u8; 64];
+    c[0] = 1; // palette 1
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+        c[48 + t] = ROWS as u8;
+        t += 1;
+    }
+    Config(c)
+};
+
+/// Loads the tile configuration on this thread: call before [`tile_32x32`], and
+/// [`release`] after the last call.
+///
+/// # Safety
+/// [`available`] must have returned true.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn configure() {
+    asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+}
+
+/// Gives the tile state back (the next context switch need not save it).
+///
+/// # Safety
+/// As [`configure`].
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn release() {
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// `c[t][r][j] = Σ_k a[r'][k] · w[j'][k]` for 32 rows and 32 channels, as four 16 × 16
+/// i32 tiles: `t = 2·(row block) + (channel block)`.
+///
+/// `a` is 32 rows of `k_steps · 64` u8 inputs, `a_stride` bytes apart; `w0` and `w1`
+/// are two blocks of 16 channels in the VNNI layout (`[k/4][16][4]` i8, 64 bytes per
+/// four inputs), `k_steps · 1024` bytes each.
+///
+/// Every row should start on a 64-byte line: a tile load off a line is 6× slower.
+///
+/// # Safety
+/// [`configure`] was called on this thread; the pointers hold what is described.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn tile_32x32(
+    a: *const u8,
+    a_stride: usize,
+    w0: *const i8,
+    w1: *const i8,
+    k_steps: usize,
+    c: &mut [[i32; ROWS * ROWS]; 4],
+) {
+    debug_assert!(k_steps > 0);
+    let a1 = a.add(ROWS * a_stride);
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "2:",
+        // Tiles are not renamed: each load waits for the products still reading its
+        // register, so loads go between products (30% faster than all loads first).
+        "tileloadd tmm4, [{a0} + {sa}*1]",
+        "tileloadd tmm6, [{w0} + {sw}*1]",
+        "tdpbusd tmm0, tmm4, tmm6",
+        "tileloadd tmm7, [{w1} + {sw}*1]",
+        "tdpbusd tmm1, tmm4, tmm7",
+        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tdpbusd tmm2, tmm5, tmm6",
+        "tdpbusd tmm3, tmm5, tmm7",
+        "add {a0}, 64",
+        "add {a1}, 64",
+        "add {w0}, 1024",
+        "add {w1}, 1024",
+        "dec {n}",
+        "jnz 2b",
+        "tilestored [{c0} + {sw}*1], tmm0",
+        "tilestored [{c1} + {sw}*1], tmm1",
+        "tilestored [{c2} + {sw}*1], tmm2",
+        "tilestored [{c3} + {sw}*1], tmm3",
+        a0 = inout(reg) a => _,
+        a1 = inout(reg) a1 => _,
+        w0 = inout(reg) w0 => _,
+        w1 = inout(reg) w1 => _,
+        n = inout(reg) k_steps => _,
+        sa = in(reg) a_stride,
+        sw = in(reg) 64usize,
+        c0 = in(reg) c[0].as_mut_ptr(),
+        c1 = in(reg) c[1].as_mut_ptr(),
+        c2 = in(reg) c[2].as_mut_ptr(),
+        c3 = in(reg) c[3].as_mut_ptr(),
+        options(nostack),
+    );
+}
