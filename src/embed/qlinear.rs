@@ -556,7 +556,8 @@ impl QLinear {
 }
 
 /// The epilogue of one AMX call: `sa.len()` ≤ 32 rows of the two blocks from `blk0`
-/// (the second skipped where it is all padding).
+/// (the second skipped where it is all padding). The VNNI kernel's [`finish`], with a
+/// block's constants loaded once for its rows (12% of the int8 pass when per row).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn amx_finish(
@@ -565,16 +566,51 @@ unsafe fn amx_finish(
     blk0: usize,
     sa: &[f32],
     out: *mut f32,
-    epi: (bool, *const f32),
+    (gelu, res): (bool, *const f32),
 ) {
-    use std::arch::x86_64::_mm512_loadu_si512;
-    let blocks = if (blk0 + 1) * NB_COLS < q.n { 2 } else { 1 };
-    for (i, &s) in sa.iter().enumerate() {
-        // Tiles 0, 1: rows 0–15 of blocks 0, 1; tiles 2, 3: rows 16–31.
-        let (t, row) = (i / 16 * 2, i % 16);
-        for b in 0..blocks {
-            let v = _mm512_loadu_si512(sums[t + b][row * 16..].as_ptr().cast());
-            finish(q, v, blk0 + b, i, s, out, epi);
+    if gelu {
+        amx_finish_as::<true>(q, sums, blk0, sa, out, res)
+    } else {
+        amx_finish_as::<false>(q, sums, blk0, sa, out, res)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn amx_finish_as<const GELU: bool>(
+    q: &QLinear,
+    sums: &[[i32; 256]; 4],
+    blk0: usize,
+    sa: &[f32],
+    out: *mut f32,
+    res: *const f32,
+) {
+    use std::arch::x86_64::*;
+    for b in 0..2 {
+        let c0 = (blk0 + b) * NB_COLS;
+        if c0 >= q.n {
+            break;
+        }
+        let valid = (q.n - c0).min(NB_COLS);
+        let mask: __mmask16 = ((1u32 << valid) - 1) as __mmask16;
+        let zero_point =
+            _mm512_slli_epi32::<7>(_mm512_loadu_si512(q.colsum.as_ptr().add(c0).cast()));
+        let sw = _mm512_loadu_ps(q.scale.as_ptr().add(c0));
+        let bias = _mm512_loadu_ps(q.bias.as_ptr().add(c0));
+        for (i, &s) in sa.iter().enumerate() {
+            // Tiles 0, 1: rows 0–15 of blocks 0, 1; tiles 2, 3: rows 16–31.
+            let acc = _mm512_loadu_si512(sums[i / 16 * 2 + b][i % 16 * 16..].as_ptr().cast());
+            let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, zero_point));
+            let mut y = _mm512_fmadd_ps(sum, _mm512_mul_ps(_mm512_set1_ps(s), sw), bias);
+            if GELU {
+                y = crate::embed::gemm::x86::gelu512(y);
+            }
+            let at = i * q.n + c0;
+            if !res.is_null() {
+                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.add(at)));
+            }
+            _mm512_mask_storeu_ps(out.add(at), mask, y);
         }
     }
 }
