@@ -123,14 +123,19 @@ const STREAM_ONCE_BYTES: usize = 16 << 20;
 /// (AVX2, 2 cores, 32 MiB of L3) BERT-base f32 split by columns won 8 of 11 interleaved
 /// pairs, median +6%, and int8 lost 5–8% even with its rows quantised once
 /// (docs/PERFORMANCE.md, sessions 12 and 13).
-fn block_rows(tokens: usize, threads: usize, columns: bool) -> Option<usize> {
+///
+/// Blocks are a multiple of 12 rows (the AVX-512 f32 tile), or of the layers' own
+/// `row_align` where that is more (AMX int8 computes 32 rows at a time: a 72-row block
+/// would compute 96).
+fn block_rows(tokens: usize, threads: usize, columns: bool, align: usize) -> Option<usize> {
     const MIN: usize = 12;
     const MAX: usize = 96;
     if columns || tokens < threads * 2 * MIN {
         return None;
     }
+    let step = if align > 1 { align } else { MIN };
     let want = tokens.div_ceil(threads * 6);
-    Some(want.clamp(MIN, MAX).div_ceil(MIN) * MIN)
+    Some(want.clamp(step, MAX.max(step)).div_ceil(step) * step)
 }
 
 /// Runs the encoder layers over packed rows: `x` is `(tokens, hidden)` after the
@@ -150,7 +155,8 @@ pub fn encode(
             .sum()
     });
     let columns = split_by_columns(layer_bytes, gemm::isa());
-    encode_scheduled(layers, x, hidden, attention, between, columns);
+    let align = layers.first().map_or(1, |l| l.qkv.row_align());
+    encode_scheduled(layers, x, hidden, attention, between, (columns, align));
 }
 
 /// Whether a layer of `layer_bytes` of weights runs split by columns (see `block_rows`).
@@ -159,15 +165,15 @@ fn split_by_columns(layer_bytes: usize, isa: Isa) -> bool {
     isa != Isa::Portable && layer_bytes >= STREAM_ONCE_BYTES
 }
 
-/// [`encode`], in row blocks or (`columns`, or a batch too small for blocks) split by
-/// columns.
+/// [`encode`], in row blocks (of a multiple of `align` rows) or (`columns`, or a batch
+/// too small for blocks) split by columns.
 fn encode_scheduled(
     layers: &[CpuLayer],
     x: &mut [f32],
     hidden: usize,
     attention: &(dyn Fn(&[f32], &mut [f32]) + Sync),
     between: &mut dyn FnMut(),
-    columns: bool,
+    (columns, align): (bool, usize),
 ) {
     let Some(first) = layers.first() else {
         return;
@@ -183,7 +189,7 @@ fn encode_scheduled(
     for (i, layer) in layers.iter().enumerate() {
         attention(&qkv, &mut ctx);
         let next = layers.get(i + 1).map(|l| l.qkv);
-        match block_rows(tokens, threads, columns) {
+        match block_rows(tokens, threads, columns, align) {
             Some(block) => {
                 let xp = SendPtr(x.as_mut_ptr());
                 let qp = SendPtr(qkv.as_mut_ptr());
@@ -360,12 +366,16 @@ mod tests {
 
     #[test]
     fn blocks_only_when_every_thread_gets_several() {
-        assert_eq!(block_rows(10, 2, false), None);
-        assert_eq!(block_rows(47, 2, false), None);
-        let b = block_rows(600, 2, false).unwrap();
+        assert_eq!(block_rows(10, 2, false, 1), None);
+        assert_eq!(block_rows(47, 2, false, 1), None);
+        let b = block_rows(600, 2, false, 1).unwrap();
         assert!(b.is_multiple_of(12) && 600usize.div_ceil(b) >= 6, "{b}");
-        assert_eq!(block_rows(100_000, 2, false), Some(96));
-        assert_eq!(block_rows(100_000, 2, true), None);
+        assert_eq!(block_rows(100_000, 2, false, 1), Some(96));
+        assert_eq!(block_rows(100_000, 2, true, 1), None);
+        // Whole AMX tiles: 600 rows want ~50 a block, 64 it is.
+        assert_eq!(block_rows(600, 2, false, 32), Some(64));
+        assert_eq!(block_rows(60, 2, false, 32), Some(32));
+        assert_eq!(block_rows(100_000, 2, false, 32), Some(96));
     }
 
     #[test]
@@ -427,7 +437,7 @@ mod tests {
         let x0 = rnd(tokens * h, 2.0);
         let run = |columns: bool| {
             let mut x = x0.clone();
-            encode_scheduled(&cpu, &mut x, h, &attention, &mut || {}, columns);
+            encode_scheduled(&cpu, &mut x, h, &attention, &mut || {}, (columns, 1));
             x
         };
         let (rows, cols) = (run(false), run(true));

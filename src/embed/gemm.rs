@@ -51,6 +51,11 @@ pub trait RowLinear: Sync {
     fn units(&self) -> usize;
     /// Bytes of packed weights: what one pass over all the units reads.
     fn weight_bytes(&self) -> usize;
+    /// Row blocks are best a multiple of this (a kernel that computes whole tiles of
+    /// rows, padding included, says how many).
+    fn row_align(&self) -> usize {
+        1
+    }
     /// `out[r][c] = epi(Σ x[r][·] W[c][·])` for rows `0..m` and the columns of `units`.
     ///
     /// # Safety

@@ -369,6 +369,9 @@ impl RowLinear for QLinear {
     fn weight_bytes(&self) -> usize {
         self.packed.len() - LINE
     }
+    fn row_align(&self) -> usize {
+        self.kernel.row_align()
+    }
 
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
         #[cfg(target_arch = "x86_64")]
