@@ -3,7 +3,10 @@
 # every engine (tokenisation included), same model folders, same KorSTS dev sentences,
 # same batch size and thread count:
 #   streambed f32 and int8   `streambed bench --orders pipelined` (length-sorted batches,
-#                            tokenised on other threads while the model runs)
+#                            tokenised on other threads while the model runs). f32 is the
+#                            default `--f32-matmul high` (bf16x3 on AMX-BF16 processors,
+#                            f32 products elsewhere: see each line's kernel=) and, as
+#                            streambed-f32-highest, f32 products everywhere
 #   sentence-transformers    PyTorch fp32, `SentenceTransformer.encode` (sorts by length)
 #   ONNX Runtime fp32, int8  the folder exported to ONNX, ORT's BERT fusions, int8 by
 #                            quantize_dynamic per channel (bench/ort_bench.py; sorts by length)
@@ -34,9 +37,9 @@ for r in $(seq "$ROUNDS"); do
   for m in $MODELS; do
     prefix=""; [[ $m == multilingual-e5-small ]] && prefix="query: "
     common=(--model "models/$m" --prefix "$prefix" --input $DATA --batch-size "$B" --limit "$N")
-    for d in f32 int8; do
-      $BIN bench "${common[@]}" --dtype $d --orders pipelined 2>/dev/null \
-        | sed "s/^/round=$r model=$m engine=streambed-$d /"
+    for d in f32 f32-highest int8; do
+      $BIN bench "${common[@]}" --dtype "${d%-highest}" --f32-matmul "$([[ $d == *-highest ]] && echo highest || echo high)" \
+        --orders pipelined 2>/dev/null | sed "s/^/round=$r model=$m engine=streambed-$d /"
     done
     ST_THREADS=$THREADS "$PY" bench/st_bench.py "${common[@]}" 2>/dev/null \
       | sed "s/^/round=$r model=$m /; s/engine=sentence-transformers dtype=fp32/engine=pytorch-fp32/"
@@ -48,7 +51,7 @@ done | tee "$out"
 import statistics, sys
 rows = [dict(kv.split("=", 1) for kv in l.split() if "=" in kv) for l in open(sys.argv[1])]
 models = list(dict.fromkeys(r["model"] for r in rows))
-engines = ["streambed-f32", "pytorch-fp32", "ort-fp32", "streambed-int8", "ort-int8"]
+engines = ["streambed-f32", "streambed-f32-highest", "pytorch-fp32", "ort-fp32", "streambed-int8", "ort-int8"]
 fig = {}
 for r in rows:
     fig.setdefault((r["model"], r["engine"]), {})[r["round"]] = float(r["sent_per_s"])
@@ -56,11 +59,17 @@ def ratio(m, a, b):
     xs = [fig[(m, a)][k] / fig[(m, b)][k] for k in fig.get((m, a), {}) if k in fig.get((m, b), {})]
     return statistics.median(xs) if xs else float("nan")
 print("\nmedians, sentences/s (text in -> vectors out):")
-print("| model | " + " | ".join(engines) + " | f32 / best fp32 ref | int8 / ORT int8 |")
-print("|---" * (len(engines) + 3) + "|")
+kernels = {}
+for r in rows:
+    if "kernel" in r:
+        kernels.setdefault(r["engine"], r["kernel"])
+print("kernels: " + ", ".join(f"{e} = {k}" for e, k in kernels.items()))
+print("| model | " + " | ".join(engines) + " | f32 / best fp32 ref | f32-highest / best fp32 ref | int8 / ORT int8 |")
+print("|---" * (len(engines) + 4) + "|")
 for m in models:
     med = [statistics.median(fig[(m, e)].values()) if (m, e) in fig else float("nan") for e in engines]
     best = max(("pytorch-fp32", "ort-fp32"), key=lambda e: statistics.median(fig.get((m, e), {0: 0}).values()))
     print(f"| {m} | " + " | ".join(f"{v:.1f}" for v in med)
-          + f" | {ratio(m, 'streambed-f32', best):.2f}x ({best}) | {ratio(m, 'streambed-int8', 'ort-int8'):.2f}x |")
+          + f" | {ratio(m, 'streambed-f32', best):.2f}x ({best}) | {ratio(m, 'streambed-f32-highest', best):.2f}x"
+          + f" | {ratio(m, 'streambed-int8', 'ort-int8'):.2f}x |")
 PY

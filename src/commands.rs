@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::embed::{self, DeviceKind, Encoder, EncoderOptions, LoadedModel, Precision};
+use crate::embed::{self, DeviceKind, Encoder, EncoderOptions, F32Matmul, LoadedModel, Precision};
 use crate::sts;
 use crate::util::{peak_rss_mb, quantile};
 
@@ -23,6 +23,10 @@ pub struct ModelArgs {
     pub device: DeviceArg,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// f32 matmul precision on CPU: "high" splits each f32 into two bf16 on AMX-BF16
+    /// processors (three tile products, f32 sums), "highest" keeps f32 products.
+    #[arg(long, value_enum, default_value = "high")]
+    pub f32_matmul: F32MatmulArg,
     /// Inputs per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -32,6 +36,12 @@ pub struct ModelArgs {
 pub enum DeviceArg {
     Cpu,
     Cuda,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum F32MatmulArg {
+    High,
+    Highest,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -54,6 +64,10 @@ impl ModelArgs {
                 DtypeArg::F16 => Precision::F16,
                 DtypeArg::Bf16 => Precision::Bf16,
                 DtypeArg::Int8 => Precision::Int8,
+            },
+            f32_matmul: match self.f32_matmul {
+                F32MatmulArg::High => F32Matmul::High,
+                F32MatmulArg::Highest => F32Matmul::Highest,
             },
             max_batch: self.batch_size,
         }
@@ -428,7 +442,7 @@ pub fn bench(
             .get_name()
             .to_string();
         println!(
-            "order={name} sent_per_s={:.1} tok_per_s={:.0} p50_batch_ms={:.1} p99_batch_ms={:.1} peak_rss_mb={:.0} sentences={} tokens={} batch_size={} device={} dtype={} streams={} threads={} tokenize_s={:.2}",
+            "order={name} sent_per_s={:.1} tok_per_s={:.0} p50_batch_ms={:.1} p99_batch_ms={:.1} peak_rss_mb={:.0} sentences={} tokens={} batch_size={} device={} dtype={} kernel={} streams={} threads={} tokenize_s={:.2}",
             r.sent_per_s,
             r.tok_per_s,
             r.p50_batch_ms,
@@ -439,6 +453,7 @@ pub fn bench(
             args.batch_size,
             m.info.device.as_str(),
             m.info.precision.as_str(),
+            embed::cpu_kernel(&args.options()),
             encoders.len(),
             candle_core::utils::get_num_threads(),
             r.tokenize_s,

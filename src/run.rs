@@ -63,6 +63,7 @@ pub async fn load_model(
     let opts = EncoderOptions {
         device: s.model.device,
         precision: s.model.dtype,
+        f32_matmul: s.model.f32_matmul,
         max_batch: s.model.forward_batch,
     };
     let m = tokio::task::spawn_blocking(move || embed::load_model(&path, &prefix, &opts))

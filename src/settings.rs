@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::embed::{DeviceKind, Precision};
+use crate::embed::{DeviceKind, F32Matmul, Precision};
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -65,6 +65,8 @@ pub struct ModelSettings {
     pub query_prefix: String,
     pub device: DeviceKind,
     pub dtype: Precision,
+    /// How f32 linear layers multiply on the CPU ("high" or "highest").
+    pub f32_matmul: F32Matmul,
     pub forward_batch: usize,
     /// CPU threads for the model; 0 means all cores (see `compute_threads`).
     pub threads: usize,

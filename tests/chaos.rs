@@ -193,6 +193,7 @@ fn sigkill_ten_times_while_streaming_loses_and_duplicates_nothing() {
             device: streambed::embed::DeviceKind::Cpu,
             precision: streambed::embed::Precision::F32,
             max_batch: 32,
+            ..Default::default()
         },
     )
     .unwrap();

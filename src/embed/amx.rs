@@ -27,18 +27,41 @@ pub const TILE: usize = 32;
 /// use it (asked once).
 pub fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| has(25) && permitted())
+}
+
+/// Whether this processor has AMX with bf16 (`tdpbf16ps`) and this process may use it.
+pub fn available_bf16() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| has(22) && permitted())
+}
+
+/// Whether CPUID leaf 7 reports tiles (EDX bit 24) and the AMX feature at EDX bit `bit`
+/// (22 bf16, 25 int8).
+fn has(bit: u32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Leaf 7 exists on every processor with AVX-512 (checked first), and the kernels
+        // around the tiles are AVX-512.
+        if !is_x86_feature_detected!("avx512f") || !is_x86_feature_detected!("avx512bw") {
+            return false;
+        }
+        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+        edx >> 24 & 1 == 1 && edx >> bit & 1 == 1
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = bit;
+        false
+    }
+}
+
+/// Asks Linux for the tile state for this process (once; false where it refuses).
+fn permitted() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         {
-            // Leaf 7 exists on every processor with AVX-512 (checked first).
-            if !is_x86_feature_detected!("avx512f") {
-                return false;
-            }
-            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-            let (tile, int8) = (leaf7.edx >> 24 & 1 == 1, leaf7.edx >> 25 & 1 == 1);
-            if !(tile && int8) {
-                return false;
-            }
             const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
             const XFEATURE_XTILEDATA: libc::c_long = 18;
             // SAFETY: a plain system call with integer arguments.
@@ -152,6 +175,79 @@ pub unsafe fn tile_32x32(
         c1 = in(reg) c[1].as_mut_ptr(),
         c2 = in(reg) c[2].as_mut_ptr(),
         c3 = in(reg) c[3].as_mut_ptr(),
+        options(nostack),
+    );
+}
+
+/// `c[t] = Σ_k ah·wh + ah·wl + al·wh` for 32 rows and 32 channels in f32, as four
+/// 16 × 16 tiles laid out as in [`tile_32x32`]: the f32 product from each value split
+/// into a high and a low bf16 (`x ≈ xh + xl`), the low × low term left out (see `split`).
+///
+/// Per step of 32 inputs, `a` holds each row's 32 high bf16 then its 32 low ones (128
+/// bytes; rows `a_stride` bytes apart), and `w` the two blocks of 16 channels' high
+/// halves then their low halves, each in the pair layout (`[16][16][2]` bf16, 1024 bytes:
+/// 4096 a step).
+///
+/// # Safety
+/// As [`tile_32x32`], on a processor with AMX-BF16 ([`available_bf16`]).
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn tile_32x32_bf16x3(
+    a: *const u16,
+    a_stride: usize,
+    w: *const u16,
+    k_steps: usize,
+    c: &mut [[f32; ROWS * ROWS]; 4],
+) {
+    debug_assert!(k_steps > 0);
+    let a1 = a.cast::<u8>().add(ROWS * a_stride);
+    // The low-order terms first, then high × high, into the same sums.
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "2:",
+        // high rows × low weights
+        "tileloadd tmm4, [{a0} + {sa}*1]",
+        "tileloadd tmm6, [{w} + {sw}*1 + 2048]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tileloadd tmm7, [{w} + {sw}*1 + 3072]",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        // low rows × high weights
+        "tileloadd tmm6, [{w} + {sw}*1]",
+        "tileloadd tmm4, [{a0} + {sa}*1 + 64]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tileloadd tmm7, [{w} + {sw}*1 + 1024]",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tileloadd tmm5, [{a1} + {sa}*1 + 64]",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        // high rows × high weights (still loaded)
+        "tileloadd tmm4, [{a0} + {sa}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 128",
+        "add {a1}, 128",
+        "add {w}, 4096",
+        "dec {n}",
+        "jnz 2b",
+        "tilestored [{c} + {sw}*1], tmm0",
+        "tilestored [{c} + {sw}*1 + 1024], tmm1",
+        "tilestored [{c} + {sw}*1 + 2048], tmm2",
+        "tilestored [{c} + {sw}*1 + 3072], tmm3",
+        a0 = inout(reg) a => _,
+        a1 = inout(reg) a1 => _,
+        w = inout(reg) w => _,
+        n = inout(reg) k_steps => _,
+        sa = in(reg) a_stride,
+        sw = in(reg) 64usize,
+        c = in(reg) c.as_mut_ptr(),
         options(nostack),
     );
 }

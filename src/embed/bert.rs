@@ -37,6 +37,7 @@ impl Activation {
 enum Dense {
     Float(Linear),
     F32(super::gemm::PackedLinear),
+    Split(super::split::SplitLinear),
     Int8(super::qlinear::QLinear),
 }
 
@@ -50,6 +51,7 @@ impl Dense {
         let b = lin.bias().expect("bias loaded").to_vec1::<f32>()?;
         Ok(match kind {
             DenseKind::Int8 => Dense::Int8(super::qlinear::QLinear::new(&w, &b, n, k)),
+            DenseKind::Split => Dense::Split(super::split::SplitLinear::new(&w, &b, n, k)),
             _ => Dense::F32(super::gemm::PackedLinear::new(&w, &b, n, k)),
         })
     }
@@ -59,6 +61,7 @@ impl Dense {
         match self {
             Dense::Float(_) => None,
             Dense::F32(p) => Some(p),
+            Dense::Split(p) => Some(p),
             Dense::Int8(q) => Some(q),
         }
     }
@@ -68,6 +71,8 @@ impl Dense {
 enum DenseKind {
     Candle,
     F32,
+    /// f32 products as three bf16 tile products (`split`).
+    Split,
     Int8,
 }
 
@@ -108,6 +113,7 @@ fn linear_bias(lin: &Dense, x: &Tensor, fused: bool) -> candle_core::Result<Tens
     let lin = match lin {
         Dense::Int8(q) => return x.apply_op1_no_bwd(q),
         Dense::F32(p) => return x.apply_op1_no_bwd(p),
+        Dense::Split(p) => return x.apply_op1_no_bwd(p),
         Dense::Float(lin) => lin,
     };
     #[cfg(feature = "cuda")]
@@ -129,6 +135,7 @@ fn linear_residual(
     let lin = match lin {
         Dense::Int8(q) => return x.apply_op1_no_bwd(q)? + residual,
         Dense::F32(p) => return x.apply_op1_no_bwd(p)? + residual,
+        Dense::Split(p) => return x.apply_op1_no_bwd(p)? + residual,
         Dense::Float(lin) => lin,
     };
     #[cfg(feature = "cuda")]
@@ -150,6 +157,7 @@ fn linear_act(
     let lin = match lin {
         Dense::Int8(q) => return act.apply(&x.apply_op1_no_bwd(q)?),
         Dense::F32(p) => return act.apply(&x.apply_op1_no_bwd(p)?),
+        Dense::Split(p) => return act.apply(&x.apply_op1_no_bwd(p)?),
         Dense::Float(lin) => lin,
     };
     #[cfg(feature = "cuda")]
@@ -182,12 +190,20 @@ fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Laye
 }
 
 impl Bert {
-    /// With `int8`, the linear layers are quantized (CPU only; see `qlinear`). f32 on the
-    /// CPU runs our own kernels (`gemm`, `cpu`); every other case candle's.
-    pub fn load(vb: VarBuilder, cfg: &BertConfig, int8: bool) -> candle_core::Result<Self> {
+    /// With `Int8`, the linear layers are quantized (CPU only; see `qlinear`). f32 on the
+    /// CPU runs our own kernels (`gemm`, or `split` with `F32Matmul::High` where the
+    /// processor has AMX-BF16, and `cpu`); every other case candle's.
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &BertConfig,
+        precision: super::Precision,
+        f32_matmul: super::F32Matmul,
+    ) -> candle_core::Result<Self> {
         let cpu = vb.device().is_cpu() && vb.dtype() == DType::F32;
-        let kind = match (int8, cpu) {
+        let split = f32_matmul == super::F32Matmul::High && super::split::available();
+        let kind = match (precision == super::Precision::Int8, cpu) {
             (true, _) => DenseKind::Int8,
+            (false, true) if split => DenseKind::Split,
             (false, true) => DenseKind::F32,
             (false, false) => DenseKind::Candle,
         };
