@@ -2,11 +2,13 @@
 //! BERT layers (token rows × hidden → 3·hidden / intermediate / hidden).
 //!     cargo run --release --example kernel_speed [-- HIDDEN INTERMEDIATE ROWS BLOCK]
 //! ("1 thread" runs the rows in blocks of BLOCK rows, as the encoder does, best of 5
-//! trials; default 60.)
+//! trials; default 60.) "bf16x3" is the split kernel f32 layers run on AMX-BF16 (its
+//! figure counts the f32 product's flops once, not the three tile products).
 use std::time::Instant;
 
 use streambed::embed::gemm::{par_forward, Epilogue, PackedLinear, RowLinear};
 use streambed::embed::qlinear::QLinear;
+use streambed::embed::split::{self, SplitLinear};
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -35,10 +37,15 @@ fn main() {
         let f = PackedLinear::new(&w, &b, n, k);
         let q = QLinear::new(&w, &b, n, k);
         let flop = 2.0 * (m * n * k) as f64;
-        for (name, lin) in [
+        let s = split::available().then(|| SplitLinear::new(&w, &b, n, k));
+        let mut kernels = vec![
             ("f32", &f as &dyn RowLinear),
             ("int8", &q as &dyn RowLinear),
-        ] {
+        ];
+        if let Some(s) = &s {
+            kernels.insert(1, ("bf16x3", s as &dyn RowLinear));
+        }
+        for (name, lin) in kernels {
             let mut out = vec![0f32; m * n];
             let reps = 4;
             // Best of 5 trials: these VMs drift ±30% within minutes, and the best is the
@@ -69,7 +76,7 @@ fn main() {
                 std::hint::black_box(par_forward(lin, &x, m, &Epilogue::Bias));
             }
             let all = flop * reps as f64 / t.elapsed().as_secs_f64() / 1e9;
-            println!("{name:>4} {m}x{k} -> {n}: 1 thread ({block}-row blocks) {one:.1} GFLOP/s (GOP/s), pool {all:.1}");
+            println!("{name:>6} {m}x{k} -> {n}: 1 thread ({block}-row blocks) {one:.1} GFLOP/s (GOP/s), pool {all:.1}");
         }
     }
 }

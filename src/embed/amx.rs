@@ -200,7 +200,7 @@ pub unsafe fn tile_32x32_bf16x3(
 ) {
     debug_assert!(k_steps > 0);
     let a1 = a.cast::<u8>().add(ROWS * a_stride);
-    // The low-order terms first, then high × high, into the same sums.
+    // Eight tile loads for twelve products: each loaded tile serves two or four.
     asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -216,20 +216,18 @@ pub unsafe fn tile_32x32_bf16x3(
         "tileloadd tmm5, [{a1} + {sa}*1]",
         "tdpbf16ps tmm2, tmm5, tmm6",
         "tdpbf16ps tmm3, tmm5, tmm7",
-        // low rows × high weights
+        // high rows (still loaded) × high weights
         "tileloadd tmm6, [{w} + {sw}*1]",
-        "tileloadd tmm4, [{a0} + {sa}*1 + 64]",
         "tdpbf16ps tmm0, tmm4, tmm6",
         "tileloadd tmm7, [{w} + {sw}*1 + 1024]",
         "tdpbf16ps tmm1, tmm4, tmm7",
-        "tileloadd tmm5, [{a1} + {sa}*1 + 64]",
         "tdpbf16ps tmm2, tmm5, tmm6",
         "tdpbf16ps tmm3, tmm5, tmm7",
-        // high rows × high weights (still loaded)
-        "tileloadd tmm4, [{a0} + {sa}*1]",
+        // low rows × high weights (still loaded)
+        "tileloadd tmm4, [{a0} + {sa}*1 + 64]",
         "tdpbf16ps tmm0, tmm4, tmm6",
         "tdpbf16ps tmm1, tmm4, tmm7",
-        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tileloadd tmm5, [{a1} + {sa}*1 + 64]",
         "tdpbf16ps tmm2, tmm5, tmm6",
         "tdpbf16ps tmm3, tmm5, tmm7",
         "add {a0}, 128",
