@@ -5,9 +5,11 @@
 #   streambed f32 and int8   `streambed bench --orders pipelined` (length-sorted batches,
 #                            tokenised on other threads while the model runs). f32 is the
 #                            default `--f32-matmul high` (bf16x3 on AMX-BF16 processors,
-#                            f32 products elsewhere: see each line's kernel=) and, as
-#                            streambed-f32-highest, f32 products everywhere
-#   sentence-transformers    PyTorch fp32, `SentenceTransformer.encode` (sorts by length)
+#                            f32 products elsewhere: see each line's kernel=), as
+#                            streambed-f32-highest f32 products everywhere, and as
+#                            streambed-f32-medium one bf16 product on AMX-BF16
+#   sentence-transformers    PyTorch fp32, `SentenceTransformer.encode` (sorts by length),
+#                            and bf16 under CPU autocast (pytorch-bf16)
 #   ONNX Runtime fp32, int8  the folder exported to ONNX, ORT's BERT fusions, int8 by
 #                            quantize_dynamic per channel (bench/ort_bench.py; sorts by length)
 # Engines run in interleaved rounds (the machines drift); the summary gives each figure's
@@ -37,12 +39,13 @@ for r in $(seq "$ROUNDS"); do
   for m in $MODELS; do
     prefix=""; [[ $m == multilingual-e5-small ]] && prefix="query: "
     common=(--model "models/$m" --prefix "$prefix" --input $DATA --batch-size "$B" --limit "$N")
-    for d in f32 f32-highest int8; do
-      $BIN bench "${common[@]}" --dtype "${d%-highest}" --f32-matmul "$([[ $d == *-highest ]] && echo highest || echo high)" \
+    for d in f32 f32-highest f32-medium int8; do
+      precision=high; [[ $d == f32-* ]] && precision=${d#f32-}
+      $BIN bench "${common[@]}" --dtype "${d%%-*}" --f32-matmul "$precision" \
         --orders pipelined 2>/dev/null | sed "s/^/round=$r model=$m engine=streambed-$d /"
     done
-    ST_THREADS=$THREADS "$PY" bench/st_bench.py "${common[@]}" 2>/dev/null \
-      | sed "s/^/round=$r model=$m /; s/engine=sentence-transformers dtype=fp32/engine=pytorch-fp32/"
+    ST_THREADS=$THREADS "$PY" bench/st_bench.py "${common[@]}" --dtypes fp32,bf16 2>/dev/null \
+      | sed -E "s/^/round=$r model=$m /; s/engine=sentence-transformers dtype=(fp32|bf16)/engine=pytorch-\1/"
     "$PY" bench/ort_bench.py "${common[@]}" --threads "$THREADS" 2>/dev/null \
       | sed -E "s/^/round=$r model=$m /; s/engine=onnxruntime-[^ ]+ graph=(fp32|int8)/engine=ort-\1/"
   done
@@ -64,6 +67,7 @@ for r in rows:
     if "kernel" in r:
         kernels.setdefault(r["engine"], r["kernel"])
 print("kernels: " + ", ".join(f"{e} = {k}" for e, k in kernels.items()))
+print("f32:")
 print("| model | " + " | ".join(engines) + " | f32 / best fp32 ref | f32-highest / best fp32 ref | int8 / ORT int8 |")
 print("|---" * (len(engines) + 4) + "|")
 for m in models:
@@ -72,4 +76,12 @@ for m in models:
     print(f"| {m} | " + " | ".join(f"{v:.1f}" for v in med)
           + f" | {ratio(m, 'streambed-f32', best):.2f}x ({best}) | {ratio(m, 'streambed-f32-highest', best):.2f}x"
           + f" | {ratio(m, 'streambed-int8', 'ort-int8'):.2f}x |")
+low = ["streambed-f32-medium", "pytorch-bf16", "streambed-int8", "ort-int8"]
+print("\nbelow f32 (bf16 products, int8):")
+print("| model | " + " | ".join(low) + " | f32-medium / PyTorch bf16 |")
+print("|---" * (len(low) + 2) + "|")
+for m in models:
+    med = [statistics.median(fig[(m, e)].values()) if (m, e) in fig else float("nan") for e in low]
+    print(f"| {m} | " + " | ".join(f"{v:.1f}" for v in med)
+          + f" | {ratio(m, 'streambed-f32-medium', 'pytorch-bf16'):.2f}x |")
 PY

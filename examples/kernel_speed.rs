@@ -2,13 +2,14 @@
 //! BERT layers (token rows × hidden → 3·hidden / intermediate / hidden).
 //!     cargo run --release --example kernel_speed [-- HIDDEN INTERMEDIATE ROWS BLOCK]
 //! ("1 thread" runs the rows in blocks of BLOCK rows, as the encoder does, best of 5
-//! trials; default 60.) "bf16x3" is the split kernel f32 layers run on AMX-BF16 (its
-//! figure counts the f32 product's flops once, not the three tile products).
+//! trials; default 60.) "bf16x3" and "bf16" are the split kernel f32 layers run on
+//! AMX-BF16 with `f32_matmul` "high" and "medium" (figures count the f32 product's flops
+//! once, not bf16x3's three tile products).
 use std::time::Instant;
 
 use streambed::embed::gemm::{par_forward, Epilogue, PackedLinear, RowLinear};
 use streambed::embed::qlinear::QLinear;
-use streambed::embed::split::{self, SplitLinear};
+use streambed::embed::split::{self, Products, SplitLinear};
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -37,13 +38,15 @@ fn main() {
         let f = PackedLinear::new(&w, &b, n, k);
         let q = QLinear::new(&w, &b, n, k);
         let flop = 2.0 * (m * n * k) as f64;
-        let s = split::available().then(|| SplitLinear::new(&w, &b, n, k));
+        let s3 = split::available().then(|| SplitLinear::new(&w, &b, n, k, Products::Three));
+        let s1 = split::available().then(|| SplitLinear::new(&w, &b, n, k, Products::One));
         let mut kernels = vec![
             ("f32", &f as &dyn RowLinear),
             ("int8", &q as &dyn RowLinear),
         ];
-        if let Some(s) = &s {
-            kernels.insert(1, ("bf16x3", s as &dyn RowLinear));
+        if let (Some(s3), Some(s1)) = (&s3, &s1) {
+            kernels.insert(1, ("bf16x3", s3 as &dyn RowLinear));
+            kernels.insert(2, ("bf16", s1 as &dyn RowLinear));
         }
         for (name, lin) in kernels {
             let mut out = vec![0f32; m * n];

@@ -249,3 +249,54 @@ pub unsafe fn tile_32x32_bf16x3(
         options(nostack),
     );
 }
+
+/// `c[t] = Σ_k ah·wh` for 32 rows and 32 channels in f32 (tiles as in [`tile_32x32`]):
+/// one bf16 product per input, summed in f32. Per step of 32 inputs, `a` holds each
+/// row's 32 bf16 (64 bytes; rows `a_stride` bytes apart) and `w` the two blocks of 16
+/// channels in the pair layout (2048 bytes a step).
+///
+/// # Safety
+/// As [`tile_32x32`], on a processor with AMX-BF16 ([`available_bf16`]).
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn tile_32x32_bf16(
+    a: *const u16,
+    a_stride: usize,
+    w: *const u16,
+    k_steps: usize,
+    c: &mut [[f32; ROWS * ROWS]; 4],
+) {
+    debug_assert!(k_steps > 0);
+    let a1 = a.cast::<u8>().add(ROWS * a_stride);
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "2:",
+        "tileloadd tmm4, [{a0} + {sa}*1]",
+        "tileloadd tmm6, [{w} + {sw}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tileloadd tmm7, [{w} + {sw}*1 + 1024]",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 64",
+        "add {a1}, 64",
+        "add {w}, 2048",
+        "dec {n}",
+        "jnz 2b",
+        "tilestored [{c} + {sw}*1], tmm0",
+        "tilestored [{c} + {sw}*1 + 1024], tmm1",
+        "tilestored [{c} + {sw}*1 + 2048], tmm2",
+        "tilestored [{c} + {sw}*1 + 3072], tmm3",
+        a0 = inout(reg) a => _,
+        a1 = inout(reg) a1 => _,
+        w = inout(reg) w => _,
+        n = inout(reg) k_steps => _,
+        sa = in(reg) a_stride,
+        sw = in(reg) 64usize,
+        c = in(reg) c.as_mut_ptr(),
+        options(nostack),
+    );
+}

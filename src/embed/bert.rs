@@ -51,7 +51,7 @@ impl Dense {
         let b = lin.bias().expect("bias loaded").to_vec1::<f32>()?;
         Ok(match kind {
             DenseKind::Int8 => Dense::Int8(super::qlinear::QLinear::new(&w, &b, n, k)),
-            DenseKind::Split => Dense::Split(super::split::SplitLinear::new(&w, &b, n, k)),
+            DenseKind::Split(p) => Dense::Split(super::split::SplitLinear::new(&w, &b, n, k, p)),
             _ => Dense::F32(super::gemm::PackedLinear::new(&w, &b, n, k)),
         })
     }
@@ -71,8 +71,8 @@ impl Dense {
 enum DenseKind {
     Candle,
     F32,
-    /// f32 products as three bf16 tile products (`split`).
-    Split,
+    /// f32 products as bf16 tile products (`split`).
+    Split(super::split::Products),
     Int8,
 }
 
@@ -191,8 +191,8 @@ fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Laye
 
 impl Bert {
     /// With `Int8`, the linear layers are quantized (CPU only; see `qlinear`). f32 on the
-    /// CPU runs our own kernels (`gemm`, or `split` with `F32Matmul::High` where the
-    /// processor has AMX-BF16, and `cpu`); every other case candle's.
+    /// CPU runs our own kernels (`gemm`, or `split` with `F32Matmul::High` or `Medium`
+    /// where the processor has AMX-BF16, and `cpu`); every other case candle's.
     pub fn load(
         vb: VarBuilder,
         cfg: &BertConfig,
@@ -200,10 +200,10 @@ impl Bert {
         f32_matmul: super::F32Matmul,
     ) -> candle_core::Result<Self> {
         let cpu = vb.device().is_cpu() && vb.dtype() == DType::F32;
-        let split = f32_matmul == super::F32Matmul::High && super::split::available();
+        let split = f32_matmul.products().filter(|_| super::split::available());
         let kind = match (precision == super::Precision::Int8, cpu) {
             (true, _) => DenseKind::Int8,
-            (false, true) if split => DenseKind::Split,
+            (false, true) if split.is_some() => DenseKind::Split(split.expect("checked")),
             (false, true) => DenseKind::F32,
             (false, false) => DenseKind::Candle,
         };

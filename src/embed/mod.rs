@@ -94,6 +94,10 @@ pub enum F32Matmul {
     High,
     /// f32 products everywhere (the AVX-512/AVX2 kernels of `gemm`).
     Highest,
+    /// Where the processor has AMX-BF16, one bf16 product per f32 product (bf16's 8
+    /// significant bits, sums in f32: PyTorch's "medium"); opt-in, check quality with
+    /// `streambed eval`. Elsewhere the same as `Highest`.
+    Medium,
 }
 
 impl F32Matmul {
@@ -101,6 +105,16 @@ impl F32Matmul {
         match self {
             F32Matmul::High => "high",
             F32Matmul::Highest => "highest",
+            F32Matmul::Medium => "medium",
+        }
+    }
+
+    /// The bf16 products of the split kernel, where it is asked for.
+    pub fn products(self) -> Option<split::Products> {
+        match self {
+            F32Matmul::High => Some(split::Products::Three),
+            F32Matmul::Medium => Some(split::Products::One),
+            F32Matmul::Highest => None,
         }
     }
 }
@@ -111,9 +125,12 @@ pub fn cpu_kernel(opts: &EncoderOptions) -> String {
     match (opts.device, opts.precision) {
         (DeviceKind::Cpu, Precision::Int8) => format!("int8-{}", qlinear::Kernel::detect().name()),
         (DeviceKind::Cpu, Precision::F32)
-            if opts.f32_matmul == F32Matmul::High && split::available() =>
+            if opts.f32_matmul.products().is_some() && split::available() =>
         {
-            "bf16x3-amx".to_string()
+            match opts.f32_matmul.products() {
+                Some(split::Products::One) => "bf16-amx".to_string(),
+                _ => "bf16x3-amx".to_string(),
+            }
         }
         (DeviceKind::Cpu, Precision::F32) => format!("f32-{:?}", gemm::isa()).to_lowercase(),
         _ => "candle".to_string(),

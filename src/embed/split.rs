@@ -25,8 +25,8 @@ use super::gemm::{cpu_fwd_linear, for_each_part, par_forward, Epilogue, RowLinea
 
 /// Inputs per step: a 64-byte tile row of bf16.
 const STEP: usize = 32;
-/// bf16 values a unit holds per step: 4 tiles of 16 × 32.
-const UNIT_STEP: usize = 4 * ROWS * STEP;
+/// bf16 values one tile of weights holds: 16 pairs of inputs × 16 channels × 2.
+const TILE_VALUES: usize = ROWS * STEP;
 const LINE: usize = 64;
 /// Bytes of split rows kept in L2 while every unit's weights pass over them.
 const SPAN_BYTES: usize = 256 << 10;
@@ -36,10 +36,31 @@ pub fn available() -> bool {
     amx::available_bf16()
 }
 
-/// A linear layer `y = x Wᵀ + b` whose products run as three bf16 tile products.
+/// How many bf16 products a f32 product becomes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Products {
+    /// `xh·wh + xh·wl + xl·wh`: ~16 significant bits ("high").
+    Three,
+    /// `xh·wh`: bf16's 8 significant bits, sums in f32 ("medium", PyTorch's name for
+    /// float32 matmuls in bf16).
+    One,
+}
+
+impl Products {
+    /// bf16 values a value is stored as: high, or high and low.
+    fn parts(self) -> usize {
+        match self {
+            Products::Three => 2,
+            Products::One => 1,
+        }
+    }
+}
+
+/// A linear layer `y = x Wᵀ + b` whose products run as bf16 tile products.
 pub struct SplitLinear {
     n: usize,
     k: usize,
+    products: Products,
     /// `k` rounded up to a whole step.
     kp: usize,
     units: usize,
@@ -73,24 +94,27 @@ impl SplitLinear {
     ///
     /// # Panics
     /// Where [`available`] is false: the kernel cannot run here.
-    pub fn new(weight: &[f32], bias: &[f32], n: usize, k: usize) -> Self {
+    pub fn new(weight: &[f32], bias: &[f32], n: usize, k: usize, products: Products) -> Self {
         assert!(available(), "the split kernel needs AMX-BF16");
         assert_eq!(weight.len(), n * k, "weight shape");
         assert_eq!(bias.len(), n, "bias shape");
         let kp = k.next_multiple_of(STEP);
         let steps = kp / STEP;
         let units = n.div_ceil(TILE);
-        let mut packed = vec![0u16; units * steps * UNIT_STEP + LINE / 2];
+        let unit_step = unit_step(products);
+        let mut packed = vec![0u16; units * steps * unit_step + LINE / 2];
         let at = aligned(&packed);
-        let tile = ROWS * STEP;
+        let tile = TILE_VALUES;
         for c in 0..n {
             let (unit, block, lane) = (c / TILE, c % TILE / ROWS, c % ROWS);
             for (i, &w) in weight[c * k..(c + 1) * k].iter().enumerate() {
                 let (step, pair, half) = (i / STEP, i % STEP / 2, i % 2);
-                let base = at + (unit * steps + step) * UNIT_STEP + pair * STEP + lane * 2 + half;
+                let base = at + (unit * steps + step) * unit_step + pair * STEP + lane * 2 + half;
                 let (hi, lo) = split(w);
                 packed[base + block * tile] = hi;
-                packed[base + (2 + block) * tile] = lo;
+                if products == Products::Three {
+                    packed[base + (2 + block) * tile] = lo;
+                }
             }
         }
         let mut padded_bias = vec![0f32; units * TILE];
@@ -98,6 +122,7 @@ impl SplitLinear {
         Self {
             n,
             k,
+            products,
             kp,
             units,
             packed,
@@ -113,7 +138,7 @@ impl SplitLinear {
 
     /// u16 values of one split row.
     fn row_len(&self) -> usize {
-        2 * self.kp
+        self.products.parts() * self.kp
     }
 
     /// Splits rows `0..m` of `x` into `rows` (grown, never shrunk; padded to whole tiles
@@ -129,26 +154,35 @@ impl SplitLinear {
             .chunks_mut(self.row_len())
             .zip(x.chunks(self.k).take(m))
         {
+            let parts = self.products.parts();
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `available` checked AVX-512F/BW on this processor at load.
             unsafe {
-                split_row_avx512(row, out)
+                split_row_avx512(row, out, parts)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            split_row(row, out);
+            split_row(row, out, parts);
         }
         at
     }
 }
 
-/// One row of `k` inputs into steps of 32 high then 32 low bf16, zero past `k`.
+/// bf16 values a unit of weights holds per step: 2 blocks × `parts` tiles.
+fn unit_step(products: Products) -> usize {
+    2 * products.parts() * TILE_VALUES
+}
+
+/// One row of `k` inputs into steps of 32 high bf16, then (`parts` = 2) 32 low ones,
+/// zero past `k`.
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
-fn split_row(row: &[f32], out: &mut [u16]) {
-    for (s, step) in out.chunks_mut(2 * STEP).enumerate() {
+fn split_row(row: &[f32], out: &mut [u16], parts: usize) {
+    for (s, step) in out.chunks_mut(parts * STEP).enumerate() {
         for j in 0..STEP {
             let (hi, lo) = row.get(s * STEP + j).map_or((0, 0), |&x| split(x));
             step[j] = hi;
-            step[STEP + j] = lo;
+            if parts == 2 {
+                step[STEP + j] = lo;
+            }
         }
     }
 }
@@ -156,29 +190,31 @@ fn split_row(row: &[f32], out: &mut [u16]) {
 /// [`split_row`] with AVX-512, 16 inputs at a time (the same bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn split_row_avx512(row: &[f32], out: &mut [u16]) {
+unsafe fn split_row_avx512(row: &[f32], out: &mut [u16], parts: usize) {
     use std::arch::x86_64::*;
     let k = row.len();
-    debug_assert!(out.len() >= k.div_ceil(STEP) * 2 * STEP);
+    debug_assert!(out.len() >= k.div_ceil(STEP) * parts * STEP);
     let round = |b: __m512i| {
         let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
         _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)))
     };
-    for s in 0..out.len() / (2 * STEP) {
+    for s in 0..out.len() / (parts * STEP) {
         for half in 0..2 {
             let i = s * STEP + half * 16;
             let valid = k.saturating_sub(i).min(16);
             let mask: __mmask16 = ((1u32 << valid) - 1) as __mmask16;
             let x = _mm512_maskz_loadu_ps(mask, row.as_ptr().add(i.min(k)));
             let hi = round(_mm512_castps_si512(x));
-            let hi_f = _mm512_castsi512_ps(_mm512_and_si512(hi, _mm512_set1_epi32(-65536)));
-            let lo = round(_mm512_castps_si512(_mm512_sub_ps(x, hi_f)));
-            let o = out.as_mut_ptr().add(s * 2 * STEP + half * 16);
+            let o = out.as_mut_ptr().add(s * parts * STEP + half * 16);
             _mm256_storeu_si256(o.cast(), _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(hi)));
-            _mm256_storeu_si256(
-                o.add(STEP).cast(),
-                _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(lo)),
-            );
+            if parts == 2 {
+                let hi_f = _mm512_castsi512_ps(_mm512_and_si512(hi, _mm512_set1_epi32(-65536)));
+                let lo = round(_mm512_castps_si512(_mm512_sub_ps(x, hi_f)));
+                _mm256_storeu_si256(
+                    o.add(STEP).cast(),
+                    _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(lo)),
+                );
+            }
         }
     }
 }
@@ -254,17 +290,19 @@ impl SplitLinear {
             while r0 < m {
                 let r1 = (r0 + span).min(m);
                 for g in units.clone() {
-                    let w = weights.add(g * steps * UNIT_STEP);
+                    let w = weights.add(g * steps * unit_step(self.products));
                     let mut r = r0;
                     while r < r1 {
                         let n_rows = TILE.min(m - r);
-                        amx::tile_32x32_bf16x3(
-                            rows.as_ptr().add(r * row_len),
-                            row_len * 2,
-                            w,
-                            steps,
-                            &mut sums,
-                        );
+                        let a = rows.as_ptr().add(r * row_len);
+                        match self.products {
+                            Products::Three => {
+                                amx::tile_32x32_bf16x3(a, row_len * 2, w, steps, &mut sums)
+                            }
+                            Products::One => {
+                                amx::tile_32x32_bf16(a, row_len * 2, w, steps, &mut sums)
+                            }
+                        }
                         finish(
                             self,
                             &sums,
@@ -390,31 +428,46 @@ mod tests {
             assert!((back - x).abs() <= x.abs() * 2f32.powi(-16), "{x} → {back}");
         }
         let row: Vec<f32> = (0..77).map(|_| lcg(&mut seed)).collect();
-        let (mut a, mut b) = (vec![0u16; 3 * 64], vec![1u16; 3 * 64]);
-        split_row(&row, &mut a);
-        if available() {
-            // SAFETY: available() checked AVX-512F/BW.
-            unsafe { split_row_avx512(&row, &mut b) };
-            assert_eq!(a, b, "the AVX-512 split gives the scalar split's bits");
+        for parts in [1, 2] {
+            let (mut a, mut b) = (vec![0u16; 3 * 32 * parts], vec![1u16; 3 * 32 * parts]);
+            split_row(&row, &mut a, parts);
+            assert_eq!(a[0], split(row[0]).0);
+            assert_eq!(
+                a[32 * parts],
+                split(row[32]).0,
+                "step 1 starts after {parts} parts"
+            );
+            assert_eq!(a[3 * 32 * parts - 1], 0, "zero past k");
+            if available() {
+                // SAFETY: available() checked AVX-512F/BW.
+                unsafe { split_row_avx512(&row, &mut b, parts) };
+                assert_eq!(a, b, "the AVX-512 split gives the scalar split's bits");
+            }
         }
     }
 
     /// Odd shapes (k not a whole step, n not a whole unit, m not a whole tile), every
-    /// epilogue, within the split's bound of the exact product, and far closer than bf16
-    /// alone (2⁻⁸) would be.
+    /// epilogue, within each scheme's bound of the exact product: three products within
+    /// 2⁻¹⁵ of `Σ|x·w|` (far closer than bf16 alone, 2⁻⁸, could be), one within 2⁻⁷.
     #[test]
     fn matches_the_exact_product_to_sixteen_bits() {
         if !available() {
             eprintln!("skipped: this processor (or OS) gives no AMX-BF16");
             return;
         }
+        for (products, bits) in [(Products::Three, -15), (Products::One, -7)] {
+            within(products, bits);
+        }
+    }
+
+    fn within(products: Products, bits: i32) {
         for &(m, n, k) in &[(1, 16, 4), (13, 50, 37), (33, 131, 96), (70, 768, 768)] {
             let mut seed = (m * 1000 + n * 10 + k) as u64;
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed) * 0.1).collect();
             let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
             let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
-            let lin = SplitLinear::new(&w, &b, n, k);
+            let lin = SplitLinear::new(&w, &b, n, k, products);
             let want = exact(&x, &w, &b, m, n, k);
             for epi in [
                 Epilogue::Bias,
@@ -431,10 +484,10 @@ mod tests {
                         }
                         Epilogue::BiasResidual(r) => s + r[i] as f64,
                     };
-                    let tol = scale * 2f64.powi(-15) + 1e-5 * (1.0 + y.abs());
+                    let tol = scale * 2f64.powi(bits) + 1e-5 * (1.0 + y.abs());
                     assert!(
                         (g as f64 - y).abs() <= tol,
-                        "({m},{n},{k}) out[{i}] = {g}, want {y} ± {tol}"
+                        "{products:?} ({m},{n},{k}) out[{i}] = {g}, want {y} ± {tol}"
                     );
                 }
             }
@@ -465,15 +518,17 @@ mod tests {
         let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
         let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed) * 0.05).collect();
         let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
-        let lin = SplitLinear::new(&w, &b, n, k);
-        let mut one = vec![0f32; m * n];
-        // SAFETY: `one` holds m rows of n.
-        unsafe { lin.run(&x, m, one.as_mut_ptr(), &Epilogue::BiasGelu, 0..lin.units()) };
-        for parts in [1, 2, 3, 7] {
-            let mut split = vec![0f32; m * n];
-            // SAFETY: as above.
-            unsafe { lin.run_split(&x, m, split.as_mut_ptr(), &Epilogue::BiasGelu, parts) };
-            assert_eq!(one, split, "{parts} parts");
+        for products in [Products::Three, Products::One] {
+            let lin = SplitLinear::new(&w, &b, n, k, products);
+            let mut one = vec![0f32; m * n];
+            // SAFETY: `one` holds m rows of n.
+            unsafe { lin.run(&x, m, one.as_mut_ptr(), &Epilogue::BiasGelu, 0..lin.units()) };
+            for parts in [1, 2, 3, 7] {
+                let mut split = vec![0f32; m * n];
+                // SAFETY: as above.
+                unsafe { lin.run_split(&x, m, split.as_mut_ptr(), &Epilogue::BiasGelu, parts) };
+                assert_eq!(one, split, "{products:?}, {parts} parts");
+            }
         }
     }
 }
