@@ -314,6 +314,33 @@ pub enum SettingsError {
     Invalid { key: &'static str, problem: String },
 }
 
+/// The keys whose values are names, and the names they take.
+const CHOICES: &[(&str, &str)] = &[
+    ("model.device", "cpu, cuda"),
+    ("model.dtype", "f32, int8, bf16, f16"),
+    ("model.f32_matmul", "high, highest, medium"),
+    ("chunk.mode", "split, truncate"),
+    ("search.mode", "auto, dense, sparse, hybrid"),
+    ("search.fusion", "rrf, dbsf"),
+    ("sink.kind", "embedded, qdrant"),
+    ("log.format", "human, json"),
+];
+
+/// A value the settings' types do not know: where the key takes names, the names (the
+/// `config` crate's message gives the key and the value only).
+fn with_choices(e: config::ConfigError) -> SettingsError {
+    let msg = e.to_string();
+    for &(key, choices) in CHOICES {
+        if msg.contains(&format!("`{key}`")) && msg.contains("variant") {
+            return invalid(
+                key,
+                format!("has a value it does not know ({msg}); use one of: {choices}"),
+            );
+        }
+    }
+    SettingsError::Load(e)
+}
+
 fn invalid(key: &'static str, problem: impl Into<String>) -> SettingsError {
     SettingsError::Invalid {
         key,
@@ -359,7 +386,11 @@ impl Settings {
             .with_list_parse_key("kafka.topics")
             .with_list_parse_key("message.metadata_fields")
             .source(Some(env.into_iter().collect()));
-        let settings: Settings = b.add_source(source).build()?.try_deserialize()?;
+        let settings: Settings = b
+            .add_source(source)
+            .build()?
+            .try_deserialize()
+            .map_err(with_choices)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -658,6 +689,25 @@ mod tests {
         assert!(err.contains("model.dtype") && err.contains("f16"), "{err}");
         let s = Settings::load_from(None, env(&[("STREAMBED__MODEL__DTYPE", "int8")])).unwrap();
         assert_eq!(s.model.dtype, Precision::Int8);
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.model.f32_matmul, F32Matmul::High, "the default");
+        let s =
+            Settings::load_from(None, env(&[("STREAMBED__MODEL__F32_MATMUL", "medium")])).unwrap();
+        assert_eq!(s.model.f32_matmul, F32Matmul::Medium);
+        let err = Settings::load_from(None, env(&[("STREAMBED__MODEL__F32_MATMUL", "low")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.f32_matmul") && err.contains("high, highest, medium"),
+            "{err}"
+        );
+        let err = Settings::load_from(None, env(&[("STREAMBED__CHUNK__MODE", "cut")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("chunk.mode") && err.contains("split, truncate"),
+            "{err}"
+        );
     }
 
     #[test]
