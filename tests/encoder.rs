@@ -30,6 +30,19 @@ fn load_as(name: &str, prefix: &str, precision: Precision) -> LoadedModel {
     embed::load_model(dir.to_str().unwrap(), prefix, &opts).unwrap()
 }
 
+/// Korean, emoji and mixed scripts, code-switching, text past 512 tokens, 1,400 Hangul
+/// characters without a space, and one word (last: some tests embed it alone too).
+fn edge_texts() -> Vec<String> {
+    vec![
+        "남자가 기타를 치고 있다".to_string(),
+        "한국어 문장 😀 東京 café".to_string(),
+        "KLUE-STS 데이터셋으로 evaluation 합니다 🚀🚀".to_string(),
+        "대한민국의 수도는 서울이다. ".repeat(200),
+        "가나다라마바사아자차카타파하".repeat(100),
+        "짧다".to_string(),
+    ]
+}
+
 fn embed_texts(m: &LoadedModel, texts: &[&str]) -> Vec<Vec<f32>> {
     let toks: Vec<Vec<u32>> = texts
         .iter()
@@ -189,16 +202,8 @@ fn klue_bert_base_shape_768_dims_and_padding_invariance() {
 fn int8_stays_close_to_f32_and_keeps_klue_sts_quality() {
     let f32m = load_as("multilingual-e5-small", "query: ", Precision::F32);
     let int8 = load_as("multilingual-e5-small", "query: ", Precision::Int8);
-    let long = "대한민국의 수도는 서울이다. ".repeat(200);
-    let unspaced = "가나다라마바사아자차카타파하".repeat(100);
-    let texts = [
-        "남자가 기타를 치고 있다",
-        "한국어 문장 😀 東京 café",
-        "KLUE-STS 데이터셋으로 evaluation 합니다 🚀🚀",
-        long.as_str(),
-        unspaced.as_str(),
-        "짧다",
-    ];
+    let owned = edge_texts();
+    let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let a = embed_texts(&f32m, &texts);
     let b = embed_texts(&int8, &texts);
     let mut worst = 1f32;
@@ -358,16 +363,8 @@ fn bf16_on_cpu_embeds_close_to_f32() {
 /// kernels).
 #[test]
 fn f32_high_matmul_matches_highest() {
-    let long = "대한민국의 수도는 서울이다. ".repeat(200);
-    let unspaced = "가나다라마바사아자차카타파하".repeat(100);
-    let texts = [
-        "남자가 기타를 치고 있다",
-        "짧다",
-        "한국어 문장 😀 東京 café",
-        "KLUE-STS 데이터셋으로 evaluation 합니다 🚀🚀",
-        long.as_str(),
-        unspaced.as_str(),
-    ];
+    let owned = edge_texts();
+    let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
     for (name, prefix) in [
         ("multilingual-e5-small", "query: "),
         ("klue-bert-base-random", ""),

@@ -15,7 +15,7 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use candle_core::{CpuStorage, Layout, Shape};
 use rayon::prelude::*;
 
 use super::ops::SendPtr;
@@ -667,19 +667,28 @@ pub(crate) fn cpu_fwd_linear(
     Ok((CpuStorage::F32(y), Shape::from(out_dims)))
 }
 
-impl CustomOp1 for PackedLinear {
-    fn name(&self) -> &'static str {
-        "streambed-f32-linear"
-    }
+/// candle's `CustomOp1` for a [`RowLinear`] type, named `$name`: `x (.., k)` f32
+/// contiguous on CPU → `(.., n)` (the padded forward pass calls the layers this way).
+macro_rules! cpu_linear_op {
+    ($ty:ty, $name:literal) => {
+        impl candle_core::CustomOp1 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_fwd_linear(self, self.name(), storage, layout)
-    }
+            fn cpu_fwd(
+                &self,
+                storage: &candle_core::CpuStorage,
+                layout: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                $crate::embed::gemm::cpu_fwd_linear(self, $name, storage, layout)
+            }
+        }
+    };
 }
+pub(crate) use cpu_linear_op;
+
+cpu_linear_op!(PackedLinear, "streambed-f32-linear");
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -31,9 +31,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
-
-use super::gemm::{cpu_fwd_linear, for_each_part, par_forward, Epilogue, RowLinear};
+use super::gemm::{cpu_linear_op, for_each_part, par_forward, Epilogue, RowLinear};
 
 /// Output channels per packed block: one 512-bit register of i32 sums.
 const NB_COLS: usize = 16;
@@ -967,20 +965,7 @@ unsafe fn finish(
     _mm512_mask_storeu_ps(out.add(at), mask, y);
 }
 
-/// candle op: `x (.., k)` f32 contiguous on CPU → `(.., n)`.
-impl CustomOp1 for QLinear {
-    fn name(&self) -> &'static str {
-        "streambed-int8-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_fwd_linear(self, self.name(), storage, layout)
-    }
-}
+cpu_linear_op!(QLinear, "streambed-int8-linear");
 
 #[cfg(test)]
 mod tests {

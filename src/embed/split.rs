@@ -18,10 +18,8 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
-
 use super::amx::{self, ROWS, TILE};
-use super::gemm::{cpu_fwd_linear, for_each_part, par_forward, Epilogue, RowLinear};
+use super::gemm::{cpu_linear_op, for_each_part, par_forward, Epilogue, RowLinear};
 
 /// Inputs per step: a 64-byte tile row of bf16.
 const STEP: usize = 32;
@@ -381,20 +379,7 @@ unsafe fn finish_as<const GELU: bool>(
     }
 }
 
-/// candle op: `x (.., k)` f32 contiguous on CPU → `(.., n)`.
-impl CustomOp1 for SplitLinear {
-    fn name(&self) -> &'static str {
-        "streambed-split-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_fwd_linear(self, self.name(), storage, layout)
-    }
-}
+cpu_linear_op!(SplitLinear, "streambed-split-linear");
 
 #[cfg(test)]
 mod tests {
