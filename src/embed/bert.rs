@@ -201,11 +201,11 @@ impl Bert {
     ) -> candle_core::Result<Self> {
         let cpu = vb.device().is_cpu() && vb.dtype() == DType::F32;
         let split = f32_matmul.products().filter(|_| super::split::available());
-        let kind = match (precision == super::Precision::Int8, cpu) {
-            (true, _) => DenseKind::Int8,
-            (false, true) if split.is_some() => DenseKind::Split(split.expect("checked")),
-            (false, true) => DenseKind::F32,
-            (false, false) => DenseKind::Candle,
+        let kind = match (precision == super::Precision::Int8, cpu, split) {
+            (true, _, _) => DenseKind::Int8,
+            (false, true, Some(products)) => DenseKind::Split(products),
+            (false, true, None) => DenseKind::F32,
+            (false, false, _) => DenseKind::Candle,
         };
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
             vb.pp("bert")

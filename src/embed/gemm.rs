@@ -498,6 +498,27 @@ pub(crate) mod x86 {
         _mm512_mask_storeu_ps(t.out.add(at), mask, y);
     }
 
+    /// The end of the int8 and bf16 epilogues: GELU if asked, the residual at `out[at]`'s
+    /// place added (none where null), the `mask`ed lanes of `y` stored at `out[at]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn gelu_residual_store(
+        mut y: __m512,
+        gelu: bool,
+        res: *const f32,
+        out: *mut f32,
+        at: usize,
+        mask: __mmask16,
+    ) {
+        if gelu {
+            y = gelu512(y);
+        }
+        if !res.is_null() {
+            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.add(at)));
+        }
+        _mm512_mask_storeu_ps(out.add(at), mask, y);
+    }
+
     pub(super) unsafe fn tile256(rows: usize, t: &Tile) {
         macro_rules! go {
             ($($r:literal)*) => {

@@ -31,6 +31,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
+use super::amx::{aligned, LINE};
 use super::gemm::{cpu_linear_op, for_each_part, par_forward, Epilogue, RowLinear};
 
 /// Output channels per packed block: one 512-bit register of i32 sums.
@@ -320,16 +321,6 @@ impl QLinear {
     }
 }
 
-/// Bytes of a cache line: AMX loads tiles whose rows start on one (measured on Intel Xeon
-/// with AMX: 2.6 ns a tile aligned, 16.6 ns one byte off), so the packed weights and the
-/// quantised rows start on a line and their rows (`kp`, a multiple of 64) keep it.
-const LINE: usize = 64;
-
-/// The first index of `v` on a 64-byte line (`v` must hold `LINE` bytes more than used).
-fn aligned<T>(v: &[T]) -> usize {
-    (LINE - v.as_ptr() as usize % LINE) % LINE / std::mem::size_of::<T>()
-}
-
 /// Where weight `(c, i)` lies in a layer packed for `kernel` (`kp` inputs per channel).
 #[inline(always)]
 fn weight_at(kernel: Kernel, kp: usize, c: usize, i: usize) -> usize {
@@ -603,15 +594,8 @@ unsafe fn amx_finish_as<const GELU: bool>(
             // Tiles 0, 1: rows 0–15 of blocks 0, 1; tiles 2, 3: rows 16–31.
             let acc = _mm512_loadu_si512(sums[i / 16 * 2 + b][i % 16 * 16..].as_ptr().cast());
             let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, zero_point));
-            let mut y = _mm512_fmadd_ps(sum, _mm512_mul_ps(_mm512_set1_ps(s), sw), bias);
-            if GELU {
-                y = crate::embed::gemm::x86::gelu512(y);
-            }
-            let at = i * q.n + c0;
-            if !res.is_null() {
-                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.add(at)));
-            }
-            _mm512_mask_storeu_ps(out.add(at), mask, y);
+            let y = _mm512_fmadd_ps(sum, _mm512_mul_ps(_mm512_set1_ps(s), sw), bias);
+            crate::embed::gemm::x86::gelu_residual_store(y, GELU, res, out, i * q.n + c0, mask);
         }
     }
 }
@@ -954,15 +938,8 @@ unsafe fn finish(
     let sw = _mm512_loadu_ps(q.scale.as_ptr().add(c0));
     let bias = _mm512_loadu_ps(q.bias.as_ptr().add(c0));
     let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, zero_point));
-    let mut y = _mm512_fmadd_ps(sum, _mm512_mul_ps(_mm512_set1_ps(sa), sw), bias);
-    if gelu {
-        y = crate::embed::gemm::x86::gelu512(y);
-    }
-    let at = i * q.n + c0;
-    if !res.is_null() {
-        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.add(at)));
-    }
-    _mm512_mask_storeu_ps(out.add(at), mask, y);
+    let y = _mm512_fmadd_ps(sum, _mm512_mul_ps(_mm512_set1_ps(sa), sw), bias);
+    crate::embed::gemm::x86::gelu_residual_store(y, gelu, res, out, i * q.n + c0, mask);
 }
 
 cpu_linear_op!(QLinear, "streambed-int8-linear");

@@ -18,14 +18,13 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use super::amx::{self, ROWS, TILE};
+use super::amx::{self, aligned, LINE, ROWS, TILE};
 use super::gemm::{cpu_linear_op, for_each_part, par_forward, Epilogue, RowLinear};
 
 /// Inputs per step: a 64-byte tile row of bf16.
 const STEP: usize = 32;
 /// bf16 values one tile of weights holds: 16 pairs of inputs × 16 channels × 2.
 const TILE_VALUES: usize = ROWS * STEP;
-const LINE: usize = 64;
 /// Bytes of split rows kept in L2 while every unit's weights pass over them.
 const SPAN_BYTES: usize = 256 << 10;
 
@@ -80,11 +79,6 @@ fn split(x: f32) -> (u16, u16) {
     let hi = bf16_bits(x);
     let lo = x - f32::from_bits((hi as u32) << 16);
     (hi, bf16_bits(lo))
-}
-
-/// The first index of `v` on a 64-byte line (`v` must hold `LINE` bytes more than used).
-fn aligned(v: &[u16]) -> usize {
-    (LINE - v.as_ptr() as usize % LINE) % LINE / 2
 }
 
 impl SplitLinear {
@@ -148,11 +142,11 @@ impl SplitLinear {
             rows.resize(len, 0);
         }
         let at = aligned(rows);
+        let parts = self.products.parts();
         for (out, row) in rows[at..]
             .chunks_mut(self.row_len())
             .zip(x.chunks(self.k).take(m))
         {
-            let parts = self.products.parts();
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `available` checked AVX-512F/BW on this processor at load.
             unsafe {
@@ -366,15 +360,8 @@ unsafe fn finish_as<const GELU: bool>(
         for i in 0..rows {
             // Tiles 0, 1: rows 0–15 of blocks 0, 1; tiles 2, 3: rows 16–31.
             let sum = _mm512_loadu_ps(sums[i / ROWS * 2 + b][i % ROWS * ROWS..].as_ptr());
-            let mut y = _mm512_add_ps(sum, bias);
-            if GELU {
-                y = crate::embed::gemm::x86::gelu512(y);
-            }
-            let at = i * lin.n + c0;
-            if !res.is_null() {
-                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.add(at)));
-            }
-            _mm512_mask_storeu_ps(out.add(at), mask, y);
+            let y = _mm512_add_ps(sum, bias);
+            crate::embed::gemm::x86::gelu_residual_store(y, GELU, res, out, i * lin.n + c0, mask);
         }
     }
 }
