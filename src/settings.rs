@@ -65,7 +65,7 @@ pub struct ModelSettings {
     pub query_prefix: String,
     pub device: DeviceKind,
     pub dtype: Precision,
-    /// How f32 linear layers multiply on the CPU ("high" or "highest").
+    /// How f32 linear layers multiply on the CPU ("high", "highest" or "medium").
     pub f32_matmul: F32Matmul,
     pub forward_batch: usize,
     /// CPU threads for the model; 0 means all cores (see `compute_threads`).

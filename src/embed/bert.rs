@@ -200,8 +200,11 @@ impl Bert {
         f32_matmul: super::F32Matmul,
     ) -> candle_core::Result<Self> {
         let cpu = vb.device().is_cpu() && vb.dtype() == DType::F32;
-        let split = f32_matmul.products().filter(|_| super::split::available());
-        let kind = match (precision == super::Precision::Int8, cpu, split) {
+        let kind = match (
+            precision == super::Precision::Int8,
+            cpu,
+            f32_matmul.split_products(),
+        ) {
             (true, _, _) => DenseKind::Int8,
             (false, true, Some(products)) => DenseKind::Split(products),
             (false, true, None) => DenseKind::F32,

@@ -101,21 +101,15 @@ pub enum F32Matmul {
 }
 
 impl F32Matmul {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            F32Matmul::High => "high",
-            F32Matmul::Highest => "highest",
-            F32Matmul::Medium => "medium",
-        }
-    }
-
-    /// The bf16 products of the split kernel, where it is asked for.
-    pub fn products(self) -> Option<split::Products> {
-        match self {
-            F32Matmul::High => Some(split::Products::Three),
-            F32Matmul::Medium => Some(split::Products::One),
-            F32Matmul::Highest => None,
-        }
+    /// The bf16 products the split kernel runs for this setting on this processor;
+    /// `None`: f32 products (`gemm`).
+    pub fn split_products(self) -> Option<split::Products> {
+        let products = match self {
+            F32Matmul::High => split::Products::Three,
+            F32Matmul::Medium => split::Products::One,
+            F32Matmul::Highest => return None,
+        };
+        split::available().then_some(products)
     }
 }
 
@@ -124,15 +118,11 @@ impl F32Matmul {
 pub fn cpu_kernel(opts: &EncoderOptions) -> String {
     match (opts.device, opts.precision) {
         (DeviceKind::Cpu, Precision::Int8) => format!("int8-{}", qlinear::Kernel::detect().name()),
-        (DeviceKind::Cpu, Precision::F32)
-            if opts.f32_matmul.products().is_some() && split::available() =>
-        {
-            match opts.f32_matmul.products() {
-                Some(split::Products::One) => "bf16-amx".to_string(),
-                _ => "bf16x3-amx".to_string(),
-            }
-        }
-        (DeviceKind::Cpu, Precision::F32) => format!("f32-{:?}", gemm::isa()).to_lowercase(),
+        (DeviceKind::Cpu, Precision::F32) => match opts.f32_matmul.split_products() {
+            Some(split::Products::Three) => "bf16x3-amx".to_string(),
+            Some(split::Products::One) => "bf16-amx".to_string(),
+            None => format!("f32-{:?}", gemm::isa()).to_lowercase(),
+        },
         _ => "candle".to_string(),
     }
 }
