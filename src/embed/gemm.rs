@@ -103,21 +103,58 @@ pub enum Isa {
     Portable,
 }
 
-/// The best kernel family this processor runs (detected once).
+/// The best kernel family this processor runs, or the one `STREAMBED_F32_KERNEL` names
+/// (`avx512`, `avx2`, `portable`) if the processor runs it: for comparing kernels on one
+/// machine (an AVX-512 machine runs the AVX2 kernels AMD Zen 3 gets). Detected once; the
+/// f32 matmuls, attention and LayerNorm all follow it.
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
+        let runs = Isa::supported();
+        let Ok(name) = std::env::var("STREAMBED_F32_KERNEL") else {
+            return runs[0];
+        };
+        match runs
+            .iter()
+            .find(|i| i.name() == name.trim().to_ascii_lowercase())
+        {
+            Some(&i) => i,
+            None => {
+                tracing::warn!(
+                    "STREAMBED_F32_KERNEL={name:?} is not one this processor runs ({}); using {}",
+                    runs.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "),
+                    runs[0].name()
+                );
+                runs[0]
+            }
+        }
+    })
+}
+
+impl Isa {
+    /// The kernel families this processor runs, best first.
+    pub fn supported() -> Vec<Isa> {
+        let mut runs = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
+                runs.push(Isa::Avx512);
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
+                runs.push(Isa::Avx2);
             }
         }
-        Isa::Portable
-    })
+        runs.push(Isa::Portable);
+        runs
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
 }
 
 pub struct PackedLinear {
@@ -437,6 +474,27 @@ pub(crate) mod x86 {
         _mm512_fmadd_ps(half_x, erf, half_x)
     }
 
+    /// How far ahead of the `k` step in progress the f32 kernels ask for their panel's
+    /// weights: 2 KiB (16 steps of the AVX-512 tile, 32 of the AVX2 one). A panel is one
+    /// sequential stream from L2, but the hardware prefetchers do not keep it in L1 ahead
+    /// of a tile that also reads 12 rows: the tile alone ran 12–17% faster asking 1–2 KiB
+    /// ahead (0.5 and 4 KiB gained ~10%), end to end f32 "highest" 4–18% (AVX-512) and
+    /// 5–13% (the AVX2 kernels, `STREAMBED_F32_KERNEL=avx2`) on Intel Xeon with AMX
+    /// (docs/PERFORMANCE.md, session 15). Reading past a panel's end is harmless (a
+    /// prefetch never faults) and useful: the next panel follows it. Measured and not
+    /// kept: prefetching the tile's rows (no gain), the next panel into L2 spread over
+    /// the row tiles (5–7% slower), shorter depth chunks (KC 128–512: slower).
+    const PREFETCH_FLOATS: usize = 512;
+
+    /// Prefetches `lines` cache lines of panel weights `PREFETCH_FLOATS` after `w`.
+    #[inline(always)]
+    unsafe fn prefetch_panel(w: *const f32, lines: usize) {
+        for l in 0..lines {
+            let p = w.wrapping_add(PREFETCH_FLOATS + l * 16) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+        }
+    }
+
     pub(super) unsafe fn tile512(rows: usize, t: &Tile) {
         macro_rules! go {
             ($($r:literal)*) => {
@@ -456,7 +514,9 @@ pub(crate) mod x86 {
         for kk in 0..t.kc {
             let b0 = _mm512_loadu_ps(w.add(kk * 32));
             let b1 = _mm512_loadu_ps(w.add(kk * 32 + 16));
+            prefetch_panel(w.add(kk * 32), 2);
             let a = t.a.add(kk * ks);
+
             for (i, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*a.add(i * rs));
                 row[0] = _mm512_fmadd_ps(av, b0, row[0]);
@@ -538,6 +598,7 @@ pub(crate) mod x86 {
         for kk in 0..t.kc {
             let b0 = _mm256_loadu_ps(w.add(kk * 16));
             let b1 = _mm256_loadu_ps(w.add(kk * 16 + 8));
+            prefetch_panel(w.add(kk * 16), 1);
             let a = t.a.add(kk * ks);
             for (i, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_set1_ps(*a.add(i * rs));

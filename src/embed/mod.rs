@@ -121,7 +121,7 @@ pub fn cpu_kernel(opts: &EncoderOptions) -> String {
         (DeviceKind::Cpu, Precision::F32) => match opts.f32_matmul.split_products() {
             Some(split::Products::Three) => "bf16x3-amx".to_string(),
             Some(split::Products::One) => "bf16-amx".to_string(),
-            None => format!("f32-{:?}", gemm::isa()).to_lowercase(),
+            None => format!("f32-{}", gemm::isa().name()),
         },
         _ => "candle".to_string(),
     }
