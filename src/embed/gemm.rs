@@ -109,26 +109,30 @@ pub enum Isa {
 /// f32 matmuls, attention and LayerNorm all follow it.
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        let runs = Isa::supported();
-        let Ok(name) = std::env::var("STREAMBED_F32_KERNEL") else {
-            return runs[0];
-        };
-        match runs
-            .iter()
-            .find(|i| i.name() == name.trim().to_ascii_lowercase())
-        {
-            Some(&i) => i,
-            None => {
-                tracing::warn!(
-                    "STREAMBED_F32_KERNEL={name:?} is not one this processor runs ({}); using {}",
-                    runs.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "),
-                    runs[0].name()
-                );
-                runs[0]
-            }
+    *ISA.get_or_init(|| pick_by_env("STREAMBED_F32_KERNEL", &Isa::supported(), Isa::name))
+}
+
+/// The kernel of `runs` (best first) that the environment variable `var` names, if this
+/// processor runs it, else the best, with a warning: how `STREAMBED_F32_KERNEL` and
+/// `STREAMBED_INT8_KERNEL` pick a weaker kernel to compare with.
+pub(crate) fn pick_by_env<K: Copy>(var: &str, runs: &[K], name: fn(K) -> &'static str) -> K {
+    let Ok(asked) = std::env::var(var) else {
+        return runs[0];
+    };
+    match runs
+        .iter()
+        .find(|&&k| name(k) == asked.trim().to_ascii_lowercase())
+    {
+        Some(&k) => k,
+        None => {
+            tracing::warn!(
+                "{var}={asked:?} is not one this processor runs ({}); using {}",
+                runs.iter().map(|&k| name(k)).collect::<Vec<_>>().join(", "),
+                name(runs[0])
+            );
+            runs[0]
         }
-    })
+    }
 }
 
 impl Isa {
@@ -484,7 +488,8 @@ pub(crate) mod x86 {
     /// prefetch never faults) and useful: the next panel follows it. Measured and not
     /// kept: prefetching the tile's rows (no gain), the next panel into L2 spread over
     /// the row tiles (5–7% slower), shorter depth chunks (KC 128–512: slower).
-    const PREFETCH_FLOATS: usize = 512;
+    pub(crate) const PREFETCH_BYTES: usize = 2048;
+    const PREFETCH_FLOATS: usize = PREFETCH_BYTES / 4;
 
     /// Prefetches `lines` cache lines of panel weights `PREFETCH_FLOATS` after `w`.
     #[inline(always)]
@@ -516,7 +521,6 @@ pub(crate) mod x86 {
             let b1 = _mm512_loadu_ps(w.add(kk * 32 + 16));
             prefetch_panel(w.add(kk * 32), 2);
             let a = t.a.add(kk * ks);
-
             for (i, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*a.add(i * rs));
                 row[0] = _mm512_fmadd_ps(av, b0, row[0]);
@@ -775,6 +779,41 @@ cpu_linear_op!(PackedLinear, "streambed-f32-linear");
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_environment_picks_a_kernel_this_processor_runs() {
+        // A variable of this test's own: no other test reads it.
+        const VAR: &str = "STREAMBED_TEST_PICK_KERNEL";
+        let runs = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+        std::env::remove_var(VAR);
+        assert_eq!(
+            pick_by_env(VAR, &runs, Isa::name),
+            Isa::Avx512,
+            "unset: the best"
+        );
+        std::env::set_var(VAR, " AVX2 ");
+        assert_eq!(
+            pick_by_env(VAR, &runs, Isa::name),
+            Isa::Avx2,
+            "named, any case"
+        );
+        std::env::set_var(VAR, "portable");
+        assert_eq!(pick_by_env(VAR, &runs, Isa::name), Isa::Portable);
+        std::env::set_var(VAR, "avx512");
+        let without = [Isa::Avx2, Isa::Portable];
+        assert_eq!(
+            pick_by_env(VAR, &without, Isa::name),
+            Isa::Avx2,
+            "not run here: the best"
+        );
+        std::env::set_var(VAR, "sse");
+        assert_eq!(
+            pick_by_env(VAR, &runs, Isa::name),
+            Isa::Avx512,
+            "unknown: the best"
+        );
+        std::env::remove_var(VAR);
+    }
 
     pub(crate) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed

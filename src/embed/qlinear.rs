@@ -63,21 +63,7 @@ impl Kernel {
     pub fn detect() -> Self {
         static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *KERNEL.get_or_init(|| {
-            let runs = Self::supported();
-            let Ok(name) = std::env::var("STREAMBED_INT8_KERNEL") else {
-                return runs[0];
-            };
-            match runs.iter().find(|k| k.name() == name.trim().to_ascii_lowercase()) {
-                Some(&k) => k,
-                None => {
-                    tracing::warn!(
-                        "STREAMBED_INT8_KERNEL={name:?} is not one this processor runs ({}); using {}",
-                        runs.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
-                        runs[0].name()
-                    );
-                    runs[0]
-                }
-            }
+            super::gemm::pick_by_env("STREAMBED_INT8_KERNEL", &Self::supported(), Kernel::name)
         })
     }
 
@@ -885,11 +871,12 @@ unsafe fn tile<const R: usize, const B: usize>(
         let mut bv = [_mm512_setzero_si512(); B];
         for (j, v) in bv.iter_mut().enumerate() {
             *v = _mm512_loadu_si512(w.add(((blk0 + j) * k4 + kk) * 64).cast());
-            // 2 KiB (32 steps) ahead, as the f32 kernels (`gemm::x86::PREFETCH_FLOATS`):
+            // 2 KiB (32 steps) ahead, as the f32 kernels (`gemm::x86::PREFETCH_BYTES`):
             // BERT-base int8 +5–8%, e5-small +2–5% (3 of 3 interleaved pairs, Intel Xeon,
             // `STREAMBED_INT8_KERNEL=vnni`). The AVX2 kernel, 16 bytes a step, gained
             // nothing from it.
-            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(((blk0 + j) * k4 + kk) * 64 + 2048).cast());
+            let ahead = ((blk0 + j) * k4 + kk) * 64 + crate::embed::gemm::x86::PREFETCH_BYTES;
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead).cast());
         }
         for (i, row) in acc.iter_mut().enumerate() {
             let av = _mm512_set1_epi32(a.add(i * q.kp + kk * 4).cast::<i32>().read_unaligned());
