@@ -18,6 +18,8 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use super::amx::{self, aligned, LINE, ROWS, TILE};
 use super::gemm::{cpu_linear_op, for_each_part, par_forward, Epilogue, RowLinear};
 
@@ -136,24 +138,34 @@ impl SplitLinear {
     /// Splits rows `0..m` of `x` into `rows` (grown, never shrunk; padded to whole tiles
     /// of rows, whose extra rows are read by the kernel and never stored), from
     /// `rows[at]` (returned) on a 64-byte line.
-    fn split_rows(&self, x: &[f32], m: usize, rows: &mut Vec<u16>) -> usize {
+    /// With `pool`, groups of rows are split over the thread pool: one thread splitting
+    /// a large product's rows (BERT-base's 3072-wide FFN rows, split by columns) kept
+    /// the others waiting.
+    fn split_rows(&self, x: &[f32], m: usize, rows: &mut Vec<u16>, pool: bool) -> usize {
         let len = m.next_multiple_of(TILE) * self.row_len() + LINE / 2;
         if rows.len() < len {
             rows.resize(len, 0);
         }
         let at = aligned(rows);
-        let parts = self.products.parts();
-        for (out, row) in rows[at..]
-            .chunks_mut(self.row_len())
-            .zip(x.chunks(self.k).take(m))
-        {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `available` checked AVX-512F/BW on this processor at load.
-            unsafe {
-                split_row_avx512(row, out, parts)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            split_row(row, out, parts);
+        let (k, row_len, parts) = (self.k, self.row_len(), self.products.parts());
+        let group = |(out, x): (&mut [u16], &[f32])| {
+            for (out, row) in out.chunks_mut(row_len).zip(x.chunks(k)) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `available` checked AVX-512F/BW on this processor at load.
+                unsafe {
+                    split_row_avx512(row, out, parts)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                split_row(row, out, parts);
+            }
+        };
+        let (out, x) = (&mut rows[at..at + m * row_len], &x[..m * k]);
+        if pool {
+            out.par_chunks_mut(TILE * row_len)
+                .zip(x.par_chunks(TILE * k))
+                .for_each(group);
+        } else {
+            group((out, x));
         }
         at
     }
@@ -236,7 +248,7 @@ impl RowLinear for SplitLinear {
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
         SROWS.with(|cell| {
             let rows = &mut *cell.borrow_mut();
-            let at = self.split_rows(x, m, rows);
+            let at = self.split_rows(x, m, rows, false);
             self.tiles(&rows[at..], m, out, epi, units);
         });
     }
@@ -246,7 +258,7 @@ impl RowLinear for SplitLinear {
         // Taken out of the cell, not borrowed: while it waits for the parts, this thread
         // may run other tasks that split rows of their own.
         let mut rows = SROWS.with(|c| c.take());
-        let at = self.split_rows(x, m, &mut rows);
+        let at = self.split_rows(x, m, &mut rows, true);
         // SAFETY: each part writes the columns of its own units only.
         for_each_part(self.units, parts, out, |o, u| unsafe {
             self.tiles(&rows[at..], m, o, epi, u)
