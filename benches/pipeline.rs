@@ -6,6 +6,7 @@
 //!                                   [--backlog 200000 --backlog-seconds 60]
 //!                                   [--model multilingual-e5-small] [--prefix "passage: "]
 //!                                   [--dtype f32|int8] [--threads N]
+//!                                   [--f32-matmul high|highest|medium]
 //!                                   [--chunking-rounds 3]
 //!
 //! `--model` names a folder under models/ (scripts/fetch-models.sh); the prefix defaults
@@ -56,6 +57,8 @@ struct ModelChoice {
     dir: std::path::PathBuf,
     prefix: String,
     dtype: String,
+    /// `model.f32_matmul`: "high" (the default), "highest" or "medium".
+    f32_matmul: String,
     /// `model.threads` for the worker (0: its default, all cores).
     threads: u64,
 }
@@ -74,6 +77,7 @@ impl ModelChoice {
             dir,
             prefix: sarg("--prefix", default_prefix),
             dtype: sarg("--dtype", "f32"),
+            f32_matmul: sarg("--f32-matmul", "high"),
             threads: arg("--threads", 0),
         }
     }
@@ -86,8 +90,16 @@ impl ModelChoice {
             "bf16" => Precision::Bf16,
             other => panic!("--dtype {other}: use f32, int8 or bf16"),
         };
+        let f32_matmul = serde_json::from_value(serde_json::Value::String(self.f32_matmul.clone()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "--f32-matmul {}: use high, highest or medium",
+                    self.f32_matmul
+                )
+            });
         streambed::embed::EncoderOptions {
             precision,
+            f32_matmul,
             ..Default::default()
         }
     }
@@ -105,6 +117,10 @@ impl ModelChoice {
         env.push(("STREAMBED__MODEL__PREFIX".into(), self.prefix.clone()));
         env.push(("STREAMBED__MODEL__DTYPE".into(), self.dtype.clone()));
         env.push(("STREAMBED__MODEL__THREADS".into(), self.threads.to_string()));
+        env.push((
+            "STREAMBED__MODEL__F32_MATMUL".into(),
+            self.f32_matmul.clone(),
+        ));
         env
     }
 }
