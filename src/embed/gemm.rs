@@ -343,7 +343,12 @@ impl PackedLinear {
         let mut k0 = 0;
         loop {
             let kc = KC.min(k - k0);
-            let (first, last) = (k0 == 0, k0 + kc == k);
+            let chunk = Chunk {
+                k0,
+                kc,
+                first: k0 == 0,
+                last: k0 + kc == k,
+            };
             if let Rows::PackEachChunk(pack) = &mut rows_from {
                 pack_tiles(x, k, m, mr, k0, kc, pack);
             }
@@ -352,12 +357,6 @@ impl PackedLinear {
             let mut r0 = 0;
             while r0 < m {
                 let r1 = (r0 + mc).min(m);
-                let chunk = Chunk {
-                    k0,
-                    kc,
-                    first,
-                    last,
-                };
                 self.run_block(x, out, epi, &units, &rows_from, r0..r1, &chunk);
                 r0 = r1;
             }
