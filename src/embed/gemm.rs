@@ -18,6 +18,7 @@ use std::ops::Range;
 use candle_core::{CpuStorage, Layout, Shape};
 use rayon::prelude::*;
 
+use super::amx::{aligned, LINE};
 use super::ops::SendPtr;
 
 /// What follows the matmul, per output element.
@@ -167,7 +168,9 @@ pub struct PackedLinear {
     nr: usize,
     panels: usize,
     isa: Isa,
+    /// The panels, from `packed[at]` on: a 64-byte line (see [`aligned`]).
     packed: Vec<f32>,
+    at: usize,
     /// Padded to `panels * nr`.
     bias: Vec<f32>,
     /// Whether the rows are copied into tiles before the kernel reads them. Rows whose
@@ -191,11 +194,15 @@ impl PackedLinear {
         assert_eq!(bias.len(), n, "bias shape");
         let nr = if isa == Isa::Avx512 { 32 } else { 16 };
         let panels = n.div_ceil(nr);
-        let mut packed = vec![0f32; panels * k * nr];
+        // A panel's rows (`nr` floats, 64 or 128 bytes) start on a cache line only if the
+        // panels do; the allocator gives 16 bytes (glibc puts large blocks at a page + 16),
+        // and then one load in every line-sized step spans two lines.
+        let mut packed = vec![0f32; panels * k * nr + LINE / 4];
+        let at = aligned(&packed);
         for c in 0..n {
             let (p, lane) = (c / nr, c % nr);
             for (t, &w) in weight[c * k..(c + 1) * k].iter().enumerate() {
-                packed[(p * k + t) * nr + lane] = w;
+                packed[at + (p * k + t) * nr + lane] = w;
             }
         }
         let mut b = vec![0f32; panels * nr];
@@ -207,6 +214,7 @@ impl PackedLinear {
             panels,
             isa,
             packed,
+            at,
             bias: b,
             pack_rows: isa == Isa::Avx512 && k.is_multiple_of(1024) && !l1_holds_a_tile(),
         }
@@ -266,7 +274,7 @@ impl RowLinear for PackedLinear {
         self.panels
     }
     fn weight_bytes(&self) -> usize {
-        self.packed.len() * std::mem::size_of::<f32>()
+        (self.packed.len() - LINE / 4) * std::mem::size_of::<f32>()
     }
 
     unsafe fn run(&self, x: &[f32], m: usize, out: *mut f32, epi: &Epilogue, units: Range<usize>) {
@@ -387,7 +395,7 @@ impl PackedLinear {
         for p in units.clone() {
             let c0 = p * nr;
             let valid = (n - c0).min(nr);
-            let w = self.packed.as_ptr().add((p * k + c.k0) * nr);
+            let w = self.packed.as_ptr().add(self.at + (p * k + c.k0) * nr);
             let bias = self.bias.as_ptr().add(c0);
             let mut r = rows.start;
             while r < rows.end {
