@@ -16,6 +16,9 @@
 # median over the rounds and the median of the same-round ratios.
 #   PYTHON=$(bench/setup-reference.sh) bench/compare.sh [N_SENTENCES] [BATCH] [ROUNDS]
 # MODELS="multilingual-e5-small" limits the models; STREAMBED_BIN=path times another build.
+# NO_AMX=1 denies AMX to every engine (bench/noamx.c, preloaded): on an Intel Xeon with
+# AMX it times what one without AMX exposed runs (AVX-512 FMA, VNNI) against the
+# references on the same fallback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1024}
@@ -27,9 +30,15 @@ BIN=${STREAMBED_BIN:-target/release/streambed}
 DATA=datasets/korsts/sts-dev.tsv
 MODELS=${MODELS:-"multilingual-e5-small klue-bert-base-random"}
 [ -x "$BIN" ] || cargo build --release --locked
+if [[ ${NO_AMX:-} == 1 ]]; then
+  shim=$(mktemp --suffix=.so)
+  cc -O2 -shared -fPIC -o "$shim" bench/noamx.c -ldl
+  export LD_PRELOAD=$shim
+fi
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+trap 'rm -f "$out" ${shim:+"$shim"}' EXIT
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+[[ -n ${shim:-} ]] && echo "AMX denied to every engine (NO_AMX=1, bench/noamx.c)"
 echo "flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|avx512_bf16|avx512_fp16|amx_tile|amx_int8|amx_bf16)$' | xargs)"
 for m in $MODELS; do
   prefix=""; [[ $m == multilingual-e5-small ]] && prefix="query: "
