@@ -649,178 +649,247 @@ pub(crate) mod x86 {
     }
 
     /// The 12-row tile of [`k512`] in assembly: the row addresses as four base registers
-    /// and a scaled row stride (`[b + rs·{1,2}]`), so a step spends six integer
-    /// instructions, not the compiler's ten, on addresses. The sums go through `c`
-    /// (24 vectors) to the same epilogue. Same products in the same order as `k512`, so
-    /// the same bits.
+    /// and a scaled row stride (`[b + rs·{1,2}]`), two `k` steps a loop with the second's
+    /// addresses as displacements, so a step spends three integer instructions on
+    /// addresses and the loop, not the compiler's ten. The sums go through `c` (24
+    /// vectors) to the same epilogue. Same products in the same order as `k512`, so the
+    /// same bits. Rows in place step 4 bytes, rows in tiles `4 · 12`; any other layout
+    /// runs the compiled tile.
     ///
     /// Intel Xeon (AVX-512, 2 cores), f32 "highest", interleaved against the `k512::<12>`
     /// the compiler made: BERT-base 80.4–82.1 against 76.6–78.3 sent/s (+3–6%, 3 of 3
-    /// pairs), e5-small 356.8–379.7 against 353.3–360.7. Written out in full (no loop
-    /// unrolled in Rust): unrolled, the compiler kept the accumulators in memory.
-    #[target_feature(enable = "avx512f")]
+    /// pairs), e5-small 356.8–379.7 against 353.3–360.7 (one step a loop, six integer
+    /// instructions). Written out in full (no loop unrolled in Rust): unrolled, the
+    /// compiler kept the accumulators in memory.
     pub(super) unsafe fn k512_asm(t: &Tile) {
-        #[repr(align(64))]
-        struct Sums([f32; 12 * 32]);
-        let mut c = Sums([0.0; 12 * 32]);
-        let rs = t.row_step * 4;
-        let a = t.a;
-        std::arch::asm!(
-            "vxorps zmm8, zmm8, zmm8",
-            "vxorps zmm9, zmm9, zmm9",
-            "vxorps zmm10, zmm10, zmm10",
-            "vxorps zmm11, zmm11, zmm11",
-            "vxorps zmm12, zmm12, zmm12",
-            "vxorps zmm13, zmm13, zmm13",
-            "vxorps zmm14, zmm14, zmm14",
-            "vxorps zmm15, zmm15, zmm15",
-            "vxorps zmm16, zmm16, zmm16",
-            "vxorps zmm17, zmm17, zmm17",
-            "vxorps zmm18, zmm18, zmm18",
-            "vxorps zmm19, zmm19, zmm19",
-            "vxorps zmm20, zmm20, zmm20",
-            "vxorps zmm21, zmm21, zmm21",
-            "vxorps zmm22, zmm22, zmm22",
-            "vxorps zmm23, zmm23, zmm23",
-            "vxorps zmm24, zmm24, zmm24",
-            "vxorps zmm25, zmm25, zmm25",
-            "vxorps zmm26, zmm26, zmm26",
-            "vxorps zmm27, zmm27, zmm27",
-            "vxorps zmm28, zmm28, zmm28",
-            "vxorps zmm29, zmm29, zmm29",
-            "vxorps zmm30, zmm30, zmm30",
-            "vxorps zmm31, zmm31, zmm31",
-            "test {n}, {n}",
-            "jz 3f",
-            "2:",
-            "vmovups zmm0, zmmword ptr [{w}]",
-            "vmovups zmm1, zmmword ptr [{w} + 64]",
-            "prefetcht0 [{w} + {pf}]",
-            "prefetcht0 [{w} + {pf} + 64]",
-            "vbroadcastss zmm2, dword ptr [{b0}]",
-            "vfmadd231ps zmm8, zmm2, zmm0",
-            "vfmadd231ps zmm9, zmm2, zmm1",
-            "vbroadcastss zmm3, dword ptr [{b0} + {rs}*1]",
-            "vfmadd231ps zmm10, zmm3, zmm0",
-            "vfmadd231ps zmm11, zmm3, zmm1",
-            "vbroadcastss zmm2, dword ptr [{b0} + {rs}*2]",
-            "vfmadd231ps zmm12, zmm2, zmm0",
-            "vfmadd231ps zmm13, zmm2, zmm1",
-            "vbroadcastss zmm3, dword ptr [{b1}]",
-            "vfmadd231ps zmm14, zmm3, zmm0",
-            "vfmadd231ps zmm15, zmm3, zmm1",
-            "vbroadcastss zmm2, dword ptr [{b1} + {rs}*1]",
-            "vfmadd231ps zmm16, zmm2, zmm0",
-            "vfmadd231ps zmm17, zmm2, zmm1",
-            "vbroadcastss zmm3, dword ptr [{b1} + {rs}*2]",
-            "vfmadd231ps zmm18, zmm3, zmm0",
-            "vfmadd231ps zmm19, zmm3, zmm1",
-            "vbroadcastss zmm2, dword ptr [{b2}]",
-            "vfmadd231ps zmm20, zmm2, zmm0",
-            "vfmadd231ps zmm21, zmm2, zmm1",
-            "vbroadcastss zmm3, dword ptr [{b2} + {rs}*1]",
-            "vfmadd231ps zmm22, zmm3, zmm0",
-            "vfmadd231ps zmm23, zmm3, zmm1",
-            "vbroadcastss zmm2, dword ptr [{b2} + {rs}*2]",
-            "vfmadd231ps zmm24, zmm2, zmm0",
-            "vfmadd231ps zmm25, zmm2, zmm1",
-            "vbroadcastss zmm3, dword ptr [{b3}]",
-            "vfmadd231ps zmm26, zmm3, zmm0",
-            "vfmadd231ps zmm27, zmm3, zmm1",
-            "vbroadcastss zmm2, dword ptr [{b3} + {rs}*1]",
-            "vfmadd231ps zmm28, zmm2, zmm0",
-            "vfmadd231ps zmm29, zmm2, zmm1",
-            "vbroadcastss zmm3, dword ptr [{b3} + {rs}*2]",
-            "vfmadd231ps zmm30, zmm3, zmm0",
-            "vfmadd231ps zmm31, zmm3, zmm1",
-            "add {b0}, {ks}",
-            "add {b1}, {ks}",
-            "add {b2}, {ks}",
-            "add {b3}, {ks}",
-            "add {w}, 128",
-            "dec {n}",
-            "jnz 2b",
-            "3:",
-            "vmovups zmmword ptr [{c} + 0], zmm8",
-            "vmovups zmmword ptr [{c} + 64], zmm9",
-            "vmovups zmmword ptr [{c} + 128], zmm10",
-            "vmovups zmmword ptr [{c} + 192], zmm11",
-            "vmovups zmmword ptr [{c} + 256], zmm12",
-            "vmovups zmmword ptr [{c} + 320], zmm13",
-            "vmovups zmmword ptr [{c} + 384], zmm14",
-            "vmovups zmmword ptr [{c} + 448], zmm15",
-            "vmovups zmmword ptr [{c} + 512], zmm16",
-            "vmovups zmmword ptr [{c} + 576], zmm17",
-            "vmovups zmmword ptr [{c} + 640], zmm18",
-            "vmovups zmmword ptr [{c} + 704], zmm19",
-            "vmovups zmmword ptr [{c} + 768], zmm20",
-            "vmovups zmmword ptr [{c} + 832], zmm21",
-            "vmovups zmmword ptr [{c} + 896], zmm22",
-            "vmovups zmmword ptr [{c} + 960], zmm23",
-            "vmovups zmmword ptr [{c} + 1024], zmm24",
-            "vmovups zmmword ptr [{c} + 1088], zmm25",
-            "vmovups zmmword ptr [{c} + 1152], zmm26",
-            "vmovups zmmword ptr [{c} + 1216], zmm27",
-            "vmovups zmmword ptr [{c} + 1280], zmm28",
-            "vmovups zmmword ptr [{c} + 1344], zmm29",
-            "vmovups zmmword ptr [{c} + 1408], zmm30",
-            "vmovups zmmword ptr [{c} + 1472], zmm31",
-            b0 = inout(reg) a => _,
-            b1 = inout(reg) a.add(3 * t.row_step) => _,
-            b2 = inout(reg) a.add(6 * t.row_step) => _,
-            b3 = inout(reg) a.add(9 * t.row_step) => _,
-            rs = in(reg) rs,
-            ks = in(reg) t.k_step * 4,
-            w = inout(reg) t.w => _,
-            n = inout(reg) t.kc => _,
-            c = in(reg) c.0.as_mut_ptr(),
-            pf = const PREFETCH_FLOATS * 4,
-            out("zmm0") _,
-            out("zmm1") _,
-            out("zmm2") _,
-            out("zmm3") _,
-            out("zmm4") _,
-            out("zmm5") _,
-            out("zmm6") _,
-            out("zmm7") _,
-            out("zmm8") _,
-            out("zmm9") _,
-            out("zmm10") _,
-            out("zmm11") _,
-            out("zmm12") _,
-            out("zmm13") _,
-            out("zmm14") _,
-            out("zmm15") _,
-            out("zmm16") _,
-            out("zmm17") _,
-            out("zmm18") _,
-            out("zmm19") _,
-            out("zmm20") _,
-            out("zmm21") _,
-            out("zmm22") _,
-            out("zmm23") _,
-            out("zmm24") _,
-            out("zmm25") _,
-            out("zmm26") _,
-            out("zmm27") _,
-            out("zmm28") _,
-            out("zmm29") _,
-            out("zmm30") _,
-            out("zmm31") _,
-            options(nostack),
-        );
-        let m0 = ((1u32 << t.valid.min(16)) - 1) as u16;
-        let m1 = ((1u64 << t.valid.saturating_sub(16)) - 1) as u16;
-        let (b0, b1) = (_mm512_loadu_ps(t.bias), _mm512_loadu_ps(t.bias.add(16)));
-        for i in 0..12 {
-            let row = c.0.as_ptr().add(i * 32);
-            finish512(t, i * t.n, m0, _mm512_load_ps(row), b0);
-            if m1 != 0 {
-                finish512(t, i * t.n + 16, m1, _mm512_load_ps(row.add(16)), b1);
-            }
+        match t.k_step {
+            1 => k512_asm_in_place(t),
+            12 => k512_asm_in_tiles(t),
+            _ => k512::<12>(t),
         }
     }
 
+    /// One `k` step of the 12 × 32 tile: the panel's two vectors at `[w + $w]`, the rows'
+    /// values `$a` bytes past the row bases.
+    macro_rules! k512_step {
+        ($a:literal, $w:literal) => {
+            concat!(
+                "vmovups zmm0, zmmword ptr [{w} + ",
+                $w,
+                "]\n",
+                "vmovups zmm1, zmmword ptr [{w} + ",
+                $w,
+                " + 64]\n",
+                "prefetcht0 [{w} + {pf} + ",
+                $w,
+                "]\n",
+                "prefetcht0 [{w} + {pf} + ",
+                $w,
+                " + 64]\n",
+                "vbroadcastss zmm2, dword ptr [{b0} + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm8, zmm2, zmm0\n",
+                "vfmadd231ps zmm9, zmm2, zmm1\n",
+                "vbroadcastss zmm3, dword ptr [{b0} + {rs}*1 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm10, zmm3, zmm0\n",
+                "vfmadd231ps zmm11, zmm3, zmm1\n",
+                "vbroadcastss zmm2, dword ptr [{b0} + {rs}*2 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm12, zmm2, zmm0\n",
+                "vfmadd231ps zmm13, zmm2, zmm1\n",
+                "vbroadcastss zmm3, dword ptr [{b1} + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm14, zmm3, zmm0\n",
+                "vfmadd231ps zmm15, zmm3, zmm1\n",
+                "vbroadcastss zmm2, dword ptr [{b1} + {rs}*1 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm16, zmm2, zmm0\n",
+                "vfmadd231ps zmm17, zmm2, zmm1\n",
+                "vbroadcastss zmm3, dword ptr [{b1} + {rs}*2 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm18, zmm3, zmm0\n",
+                "vfmadd231ps zmm19, zmm3, zmm1\n",
+                "vbroadcastss zmm2, dword ptr [{b2} + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm20, zmm2, zmm0\n",
+                "vfmadd231ps zmm21, zmm2, zmm1\n",
+                "vbroadcastss zmm3, dword ptr [{b2} + {rs}*1 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm22, zmm3, zmm0\n",
+                "vfmadd231ps zmm23, zmm3, zmm1\n",
+                "vbroadcastss zmm2, dword ptr [{b2} + {rs}*2 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm24, zmm2, zmm0\n",
+                "vfmadd231ps zmm25, zmm2, zmm1\n",
+                "vbroadcastss zmm3, dword ptr [{b3} + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm26, zmm3, zmm0\n",
+                "vfmadd231ps zmm27, zmm3, zmm1\n",
+                "vbroadcastss zmm2, dword ptr [{b3} + {rs}*1 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm28, zmm2, zmm0\n",
+                "vfmadd231ps zmm29, zmm2, zmm1\n",
+                "vbroadcastss zmm3, dword ptr [{b3} + {rs}*2 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps zmm30, zmm3, zmm0\n",
+                "vfmadd231ps zmm31, zmm3, zmm1\n",
+            )
+        };
+    }
+
+    /// [`k512_asm`] for rows `$ks` bytes a `k` step apart (`$ks2` = two steps).
+    macro_rules! k512_asm_tile {
+        ($name:ident, $ks:literal, $ks2:literal) => {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn $name(t: &Tile) {
+                #[repr(align(64))]
+                struct Sums([f32; 12 * 32]);
+                let mut c = Sums([0.0; 12 * 32]);
+                let a = t.a;
+                std::arch::asm!(
+                    "vxorps zmm8, zmm8, zmm8",
+                    "vxorps zmm9, zmm9, zmm9",
+                    "vxorps zmm10, zmm10, zmm10",
+                    "vxorps zmm11, zmm11, zmm11",
+                    "vxorps zmm12, zmm12, zmm12",
+                    "vxorps zmm13, zmm13, zmm13",
+                    "vxorps zmm14, zmm14, zmm14",
+                    "vxorps zmm15, zmm15, zmm15",
+                    "vxorps zmm16, zmm16, zmm16",
+                    "vxorps zmm17, zmm17, zmm17",
+                    "vxorps zmm18, zmm18, zmm18",
+                    "vxorps zmm19, zmm19, zmm19",
+                    "vxorps zmm20, zmm20, zmm20",
+                    "vxorps zmm21, zmm21, zmm21",
+                    "vxorps zmm22, zmm22, zmm22",
+                    "vxorps zmm23, zmm23, zmm23",
+                    "vxorps zmm24, zmm24, zmm24",
+                    "vxorps zmm25, zmm25, zmm25",
+                    "vxorps zmm26, zmm26, zmm26",
+                    "vxorps zmm27, zmm27, zmm27",
+                    "vxorps zmm28, zmm28, zmm28",
+                    "vxorps zmm29, zmm29, zmm29",
+                    "vxorps zmm30, zmm30, zmm30",
+                    "vxorps zmm31, zmm31, zmm31",
+                    // An odd step first (the products stay in order), then pairs.
+                    "test {n}, 1",
+                    "jz 4f",
+                    k512_step!("0", "0"),
+                    concat!("add {b0}, ", $ks),
+                    concat!("add {b1}, ", $ks),
+                    concat!("add {b2}, ", $ks),
+                    concat!("add {b3}, ", $ks),
+                    "add {w}, 128",
+                    "4:",
+                    "shr {n}, 1",
+                    "jz 3f",
+                    "2:",
+                    k512_step!("0", "0"),
+                    k512_step!($ks, "128"),
+                    concat!("add {b0}, ", $ks2),
+                    concat!("add {b1}, ", $ks2),
+                    concat!("add {b2}, ", $ks2),
+                    concat!("add {b3}, ", $ks2),
+                    "add {w}, 256",
+                    "dec {n}",
+                    "jnz 2b",
+                    "3:",
+                    "vmovups zmmword ptr [{c} + 0], zmm8",
+                    "vmovups zmmword ptr [{c} + 64], zmm9",
+                    "vmovups zmmword ptr [{c} + 128], zmm10",
+                    "vmovups zmmword ptr [{c} + 192], zmm11",
+                    "vmovups zmmword ptr [{c} + 256], zmm12",
+                    "vmovups zmmword ptr [{c} + 320], zmm13",
+                    "vmovups zmmword ptr [{c} + 384], zmm14",
+                    "vmovups zmmword ptr [{c} + 448], zmm15",
+                    "vmovups zmmword ptr [{c} + 512], zmm16",
+                    "vmovups zmmword ptr [{c} + 576], zmm17",
+                    "vmovups zmmword ptr [{c} + 640], zmm18",
+                    "vmovups zmmword ptr [{c} + 704], zmm19",
+                    "vmovups zmmword ptr [{c} + 768], zmm20",
+                    "vmovups zmmword ptr [{c} + 832], zmm21",
+                    "vmovups zmmword ptr [{c} + 896], zmm22",
+                    "vmovups zmmword ptr [{c} + 960], zmm23",
+                    "vmovups zmmword ptr [{c} + 1024], zmm24",
+                    "vmovups zmmword ptr [{c} + 1088], zmm25",
+                    "vmovups zmmword ptr [{c} + 1152], zmm26",
+                    "vmovups zmmword ptr [{c} + 1216], zmm27",
+                    "vmovups zmmword ptr [{c} + 1280], zmm28",
+                    "vmovups zmmword ptr [{c} + 1344], zmm29",
+                    "vmovups zmmword ptr [{c} + 1408], zmm30",
+                    "vmovups zmmword ptr [{c} + 1472], zmm31",
+                    b0 = inout(reg) a => _,
+                    b1 = inout(reg) a.add(3 * t.row_step) => _,
+                    b2 = inout(reg) a.add(6 * t.row_step) => _,
+                    b3 = inout(reg) a.add(9 * t.row_step) => _,
+                    rs = in(reg) t.row_step * 4,
+                    w = inout(reg) t.w => _,
+                    n = inout(reg) t.kc => _,
+                    c = in(reg) c.0.as_mut_ptr(),
+                    pf = const PREFETCH_FLOATS * 4,
+                    out("zmm0") _,
+                    out("zmm1") _,
+                    out("zmm2") _,
+                    out("zmm3") _,
+                    out("zmm4") _,
+                    out("zmm5") _,
+                    out("zmm6") _,
+                    out("zmm7") _,
+                    out("zmm8") _,
+                    out("zmm9") _,
+                    out("zmm10") _,
+                    out("zmm11") _,
+                    out("zmm12") _,
+                    out("zmm13") _,
+                    out("zmm14") _,
+                    out("zmm15") _,
+                    out("zmm16") _,
+                    out("zmm17") _,
+                    out("zmm18") _,
+                    out("zmm19") _,
+                    out("zmm20") _,
+                    out("zmm21") _,
+                    out("zmm22") _,
+                    out("zmm23") _,
+                    out("zmm24") _,
+                    out("zmm25") _,
+                    out("zmm26") _,
+                    out("zmm27") _,
+                    out("zmm28") _,
+                    out("zmm29") _,
+                    out("zmm30") _,
+                    out("zmm31") _,
+                    options(nostack),
+                );
+                let m0 = ((1u32 << t.valid.min(16)) - 1) as u16;
+                let m1 = ((1u64 << t.valid.saturating_sub(16)) - 1) as u16;
+                let (b0, b1) = (_mm512_loadu_ps(t.bias), _mm512_loadu_ps(t.bias.add(16)));
+                for i in 0..12 {
+                    let row = c.0.as_ptr().add(i * 32);
+                    finish512(t, i * t.n, m0, _mm512_load_ps(row), b0);
+                    if m1 != 0 {
+                        finish512(t, i * t.n + 16, m1, _mm512_load_ps(row.add(16)), b1);
+                    }
+                }
+            }
+        };
+    }
+
+    k512_asm_tile!(k512_asm_in_place, "4", "8");
+    k512_asm_tile!(k512_asm_in_tiles, "48", "96");
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn k512<const R: usize>(t: &Tile) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -1254,8 +1323,11 @@ pub(crate) mod tests {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             tiles.push(("avx2", 6, 16, x86::k256_asm, x86::k256::<6>));
         }
-        for (name, mr, nr, asm, compiled) in tiles {
-            let (kc, n) = (45, nr + 8);
+        // An odd depth and an even one: the AVX-512 tile takes its steps in pairs.
+        for ((name, mr, nr, asm, compiled), kc) in
+            tiles.into_iter().flat_map(|tile| [(tile, 44), (tile, 45)])
+        {
+            let n = nr + 8;
             let mut seed = 11u64;
             let x: Vec<f32> = (0..mr * kc).map(|_| lcg(&mut seed)).collect();
             let w: Vec<f32> = (0..nr * kc).map(|_| lcg(&mut seed)).collect();
