@@ -978,109 +978,163 @@ pub(crate) mod x86 {
     }
 
     /// The 6-row tile of [`k256`] in assembly, as [`k512_asm`] is of `k512`: two row
-    /// bases and a scaled stride. Same products in the same order, so the same bits.
-    /// On Intel Xeon running the AVX2 kernels (`STREAMBED_F32_KERNEL=avx2`), f32
-    /// "highest": BERT-base +1–4%, e5-small +1–5% (6 of 6 interleaved pairs); not yet
-    /// measured on AMD Zen 3, the processor that runs it for real.
-    #[target_feature(enable = "avx2,fma")]
+    /// bases and a scaled stride, two `k` steps a loop with the second's addresses as
+    /// displacements. Same products in the same order, so the same bits. On Intel Xeon
+    /// running the AVX2 kernels (`STREAMBED_F32_KERNEL=avx2`), f32 "highest", one step a
+    /// loop against the compiled tile: BERT-base +1–4%, e5-small +1–5% (6 of 6
+    /// interleaved pairs); not yet measured on AMD Zen 3, the processor that runs it for
+    /// real.
     pub(super) unsafe fn k256_asm(t: &Tile) {
-        #[repr(align(32))]
-        struct Sums([f32; 6 * 16]);
-        let mut c = Sums([0.0; 6 * 16]);
-        let a = t.a;
-        std::arch::asm!(
-            "vxorps ymm4, ymm4, ymm4",
-            "vxorps ymm5, ymm5, ymm5",
-            "vxorps ymm6, ymm6, ymm6",
-            "vxorps ymm7, ymm7, ymm7",
-            "vxorps ymm8, ymm8, ymm8",
-            "vxorps ymm9, ymm9, ymm9",
-            "vxorps ymm10, ymm10, ymm10",
-            "vxorps ymm11, ymm11, ymm11",
-            "vxorps ymm12, ymm12, ymm12",
-            "vxorps ymm13, ymm13, ymm13",
-            "vxorps ymm14, ymm14, ymm14",
-            "vxorps ymm15, ymm15, ymm15",
-            "test {n}, {n}",
-            "jz 3f",
-            "2:",
-            "vmovups ymm0, ymmword ptr [{w}]",
-            "vmovups ymm1, ymmword ptr [{w} + 32]",
-            "prefetcht0 [{w} + {pf}]",
-            "vbroadcastss ymm2, dword ptr [{b0}]",
-            "vfmadd231ps ymm4, ymm2, ymm0",
-            "vfmadd231ps ymm5, ymm2, ymm1",
-            "vbroadcastss ymm3, dword ptr [{b0} + {rs}*1]",
-            "vfmadd231ps ymm6, ymm3, ymm0",
-            "vfmadd231ps ymm7, ymm3, ymm1",
-            "vbroadcastss ymm2, dword ptr [{b0} + {rs}*2]",
-            "vfmadd231ps ymm8, ymm2, ymm0",
-            "vfmadd231ps ymm9, ymm2, ymm1",
-            "vbroadcastss ymm3, dword ptr [{b1}]",
-            "vfmadd231ps ymm10, ymm3, ymm0",
-            "vfmadd231ps ymm11, ymm3, ymm1",
-            "vbroadcastss ymm2, dword ptr [{b1} + {rs}*1]",
-            "vfmadd231ps ymm12, ymm2, ymm0",
-            "vfmadd231ps ymm13, ymm2, ymm1",
-            "vbroadcastss ymm3, dword ptr [{b1} + {rs}*2]",
-            "vfmadd231ps ymm14, ymm3, ymm0",
-            "vfmadd231ps ymm15, ymm3, ymm1",
-            "add {b0}, {ks}",
-            "add {b1}, {ks}",
-            "add {w}, 64",
-            "dec {n}",
-            "jnz 2b",
-            "3:",
-            "vmovups ymmword ptr [{c} + 0], ymm4",
-            "vmovups ymmword ptr [{c} + 32], ymm5",
-            "vmovups ymmword ptr [{c} + 64], ymm6",
-            "vmovups ymmword ptr [{c} + 96], ymm7",
-            "vmovups ymmword ptr [{c} + 128], ymm8",
-            "vmovups ymmword ptr [{c} + 160], ymm9",
-            "vmovups ymmword ptr [{c} + 192], ymm10",
-            "vmovups ymmword ptr [{c} + 224], ymm11",
-            "vmovups ymmword ptr [{c} + 256], ymm12",
-            "vmovups ymmword ptr [{c} + 288], ymm13",
-            "vmovups ymmword ptr [{c} + 320], ymm14",
-            "vmovups ymmword ptr [{c} + 352], ymm15",
-            b0 = inout(reg) a => _,
-            b1 = inout(reg) a.add(3 * t.row_step) => _,
-            rs = in(reg) t.row_step * 4,
-            ks = in(reg) t.k_step * 4,
-            w = inout(reg) t.w => _,
-            n = inout(reg) t.kc => _,
-            c = in(reg) c.0.as_mut_ptr(),
-            pf = const PREFETCH_FLOATS * 4,
-            out("ymm0") _,
-            out("ymm1") _,
-            out("ymm2") _,
-            out("ymm3") _,
-            out("ymm4") _,
-            out("ymm5") _,
-            out("ymm6") _,
-            out("ymm7") _,
-            out("ymm8") _,
-            out("ymm9") _,
-            out("ymm10") _,
-            out("ymm11") _,
-            out("ymm12") _,
-            out("ymm13") _,
-            out("ymm14") _,
-            out("ymm15") _,
-            options(nostack),
-        );
-        let m0 = lane_mask(t.valid.min(8));
-        let m1 = lane_mask(t.valid.saturating_sub(8).min(8));
-        let (b0, b1) = (_mm256_loadu_ps(t.bias), _mm256_loadu_ps(t.bias.add(8)));
-        let (f0, f1) = (t.valid >= 8, t.valid >= 16);
-        for i in 0..6 {
-            let row = c.0.as_ptr().add(i * 16);
-            finish256(t, i * t.n, m0, f0, _mm256_load_ps(row), b0);
-            if t.valid > 8 {
-                finish256(t, i * t.n + 8, m1, f1, _mm256_load_ps(row.add(8)), b1);
-            }
+        match t.k_step {
+            1 => k256_asm_in_place(t),
+            6 => k256_asm_in_tiles(t),
+            _ => k256::<6>(t),
         }
     }
+
+    /// One `k` step of the 6 × 16 tile: the panel's two vectors at `[w + $w]`, the rows'
+    /// values `$a` bytes past the row bases.
+    macro_rules! k256_step {
+        ($a:literal, $w:literal) => {
+            concat!(
+                "vmovups ymm0, ymmword ptr [{w} + ",
+                $w,
+                "]\n",
+                "vmovups ymm1, ymmword ptr [{w} + ",
+                $w,
+                " + 32]\n",
+                "prefetcht0 [{w} + {pf} + ",
+                $w,
+                "]\n",
+                "vbroadcastss ymm2, dword ptr [{b0} + ",
+                $a,
+                "]\n",
+                "vfmadd231ps ymm4, ymm2, ymm0\n",
+                "vfmadd231ps ymm5, ymm2, ymm1\n",
+                "vbroadcastss ymm3, dword ptr [{b0} + {rs}*1 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps ymm6, ymm3, ymm0\n",
+                "vfmadd231ps ymm7, ymm3, ymm1\n",
+                "vbroadcastss ymm2, dword ptr [{b0} + {rs}*2 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps ymm8, ymm2, ymm0\n",
+                "vfmadd231ps ymm9, ymm2, ymm1\n",
+                "vbroadcastss ymm3, dword ptr [{b1} + ",
+                $a,
+                "]\n",
+                "vfmadd231ps ymm10, ymm3, ymm0\n",
+                "vfmadd231ps ymm11, ymm3, ymm1\n",
+                "vbroadcastss ymm2, dword ptr [{b1} + {rs}*1 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps ymm12, ymm2, ymm0\n",
+                "vfmadd231ps ymm13, ymm2, ymm1\n",
+                "vbroadcastss ymm3, dword ptr [{b1} + {rs}*2 + ",
+                $a,
+                "]\n",
+                "vfmadd231ps ymm14, ymm3, ymm0\n",
+                "vfmadd231ps ymm15, ymm3, ymm1\n",
+            )
+        };
+    }
+
+    /// [`k256_asm`] for rows `$ks` bytes a `k` step apart (`$ks2` = two steps).
+    macro_rules! k256_asm_tile {
+        ($name:ident, $ks:literal, $ks2:literal) => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn $name(t: &Tile) {
+                #[repr(align(32))]
+                struct Sums([f32; 6 * 16]);
+                let mut c = Sums([0.0; 6 * 16]);
+                let a = t.a;
+                std::arch::asm!(
+                    "vxorps ymm4, ymm4, ymm4",
+                    "vxorps ymm5, ymm5, ymm5",
+                    "vxorps ymm6, ymm6, ymm6",
+                    "vxorps ymm7, ymm7, ymm7",
+                    "vxorps ymm8, ymm8, ymm8",
+                    "vxorps ymm9, ymm9, ymm9",
+                    "vxorps ymm10, ymm10, ymm10",
+                    "vxorps ymm11, ymm11, ymm11",
+                    "vxorps ymm12, ymm12, ymm12",
+                    "vxorps ymm13, ymm13, ymm13",
+                    "vxorps ymm14, ymm14, ymm14",
+                    "vxorps ymm15, ymm15, ymm15",
+                    // An odd step first (the products stay in order), then pairs.
+                    "test {n}, 1",
+                    "jz 4f",
+                    k256_step!("0", "0"),
+                    concat!("add {b0}, ", $ks),
+                    concat!("add {b1}, ", $ks),
+                    "add {w}, 64",
+                    "4:",
+                    "shr {n}, 1",
+                    "jz 3f",
+                    "2:",
+                    k256_step!("0", "0"),
+                    k256_step!($ks, "64"),
+                    concat!("add {b0}, ", $ks2),
+                    concat!("add {b1}, ", $ks2),
+                    "add {w}, 128",
+                    "dec {n}",
+                    "jnz 2b",
+                    "3:",
+                    "vmovups ymmword ptr [{c} + 0], ymm4",
+                    "vmovups ymmword ptr [{c} + 32], ymm5",
+                    "vmovups ymmword ptr [{c} + 64], ymm6",
+                    "vmovups ymmword ptr [{c} + 96], ymm7",
+                    "vmovups ymmword ptr [{c} + 128], ymm8",
+                    "vmovups ymmword ptr [{c} + 160], ymm9",
+                    "vmovups ymmword ptr [{c} + 192], ymm10",
+                    "vmovups ymmword ptr [{c} + 224], ymm11",
+                    "vmovups ymmword ptr [{c} + 256], ymm12",
+                    "vmovups ymmword ptr [{c} + 288], ymm13",
+                    "vmovups ymmword ptr [{c} + 320], ymm14",
+                    "vmovups ymmword ptr [{c} + 352], ymm15",
+                    b0 = inout(reg) a => _,
+                    b1 = inout(reg) a.add(3 * t.row_step) => _,
+                    rs = in(reg) t.row_step * 4,
+                    w = inout(reg) t.w => _,
+                    n = inout(reg) t.kc => _,
+                    c = in(reg) c.0.as_mut_ptr(),
+                    pf = const PREFETCH_FLOATS * 4,
+                    out("ymm0") _,
+                    out("ymm1") _,
+                    out("ymm2") _,
+                    out("ymm3") _,
+                    out("ymm4") _,
+                    out("ymm5") _,
+                    out("ymm6") _,
+                    out("ymm7") _,
+                    out("ymm8") _,
+                    out("ymm9") _,
+                    out("ymm10") _,
+                    out("ymm11") _,
+                    out("ymm12") _,
+                    out("ymm13") _,
+                    out("ymm14") _,
+                    out("ymm15") _,
+                    options(nostack),
+                );
+                let m0 = lane_mask(t.valid.min(8));
+                let m1 = lane_mask(t.valid.saturating_sub(8).min(8));
+                let (b0, b1) = (_mm256_loadu_ps(t.bias), _mm256_loadu_ps(t.bias.add(8)));
+                let (f0, f1) = (t.valid >= 8, t.valid >= 16);
+                for i in 0..6 {
+                    let row = c.0.as_ptr().add(i * 16);
+                    finish256(t, i * t.n, m0, f0, _mm256_load_ps(row), b0);
+                    if t.valid > 8 {
+                        finish256(t, i * t.n + 8, m1, f1, _mm256_load_ps(row.add(8)), b1);
+                    }
+                }
+            }
+        };
+    }
+
+    k256_asm_tile!(k256_asm_in_place, "4", "8");
+    k256_asm_tile!(k256_asm_in_tiles, "24", "48");
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn k256<const R: usize>(t: &Tile) {
