@@ -248,9 +248,26 @@ unsafe fn attend_fixed<const D: usize, const QG: usize>(
     let lp = blocks * 16;
     scratch.kt.clear();
     scratch.kt.resize(blocks * D * 16, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    let gathered = QG == 4 && {
+        // QG 4 is the AVX-512 build (`attend_avx512`): a dimension of 16 keys is one
+        // gather, not 16 scalar moves.
+        gather_keys::<D>(
+            &qkv[(off * row + hidden + head * D)..],
+            row,
+            len,
+            &mut scratch.kt,
+        );
+        true
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let gathered = false;
     // Through a block-sized slice: indexing the Vec itself re-read its pointer and
     // length after every store (a sixth of attention's time).
     for (b, kb) in scratch.kt.chunks_exact_mut(D * 16).enumerate() {
+        if gathered {
+            break;
+        }
         for l in 0..16.min(len - b * 16) {
             for (t, &v) in at(b * 16 + l, 1).iter().enumerate() {
                 kb[t * 16 + l] = v;
@@ -333,6 +350,33 @@ fn softmax(x: &mut [f32]) {
     let inv = 1.0 / super::ops::sum16(x);
     for s in x.iter_mut() {
         *s *= inv;
+    }
+}
+
+/// A sentence's keys of one head, `len` rows `row` floats apart from `k[0]`, into
+/// `kt` as `[key block][dim][16]` (the padding keys of the last block zero): one masked
+/// 16-lane gather per block and dimension.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_keys<const D: usize>(k: &[f32], row: usize, len: usize, kt: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(kt.len() >= len.div_ceil(16) * D * 16 && k.len() >= (len - 1) * row + D);
+    let index = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(row as i32),
+    );
+    for (b, kb) in kt
+        .chunks_exact_mut(D * 16)
+        .take(len.div_ceil(16))
+        .enumerate()
+    {
+        let live = (len - b * 16).min(16);
+        let mask = ((1u32 << live) - 1) as u16;
+        let base = k.as_ptr().add(b * 16 * row);
+        for t in 0..D {
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, index, base.add(t));
+            _mm512_storeu_ps(kb.as_mut_ptr().add(t * 16), v);
+        }
     }
 }
 
