@@ -382,7 +382,9 @@ pub async fn run_with_metrics(
     let closing = {
         let consumer = consumer.clone();
         tokio::task::spawn_blocking(move || {
-            match consumer.commit_consumer_state(CommitMode::Sync) {
+            let committed = consumer.commit_consumer_state(CommitMode::Sync);
+            consumer.context().note_commit(&committed);
+            match committed {
                 Ok(()) => tracing::info!("final offsets committed"),
                 Err(e) => {
                     tracing::info!(error = %e, "final commit (nothing new to commit is normal)")
@@ -391,14 +393,26 @@ pub async fn run_with_metrics(
             consumer.unsubscribe();
         })
     };
+    let context = consumer.context().clone();
     drop(consumer);
-    let closed = tokio::time::timeout_at(deadline + Duration::from_millis(500), closing)
+    let mut closed = tokio::time::timeout_at(deadline + Duration::from_millis(500), closing)
         .await
         .is_ok();
-    tracing::info!(
-        in_flight = tracker.lock().map(|t| t.total_in_flight()).unwrap_or(0),
-        "stopped"
-    );
+    let in_flight = tracker.lock().map(|t| t.total_in_flight()).unwrap_or(0);
+    if drained && !closed && in_flight == 0 && context.offsets_settled() {
+        // Only leaving the group is left, and it costs nothing: a leave that meets a
+        // rebalance in progress can wait on the broker for as long as the rebalance
+        // (seen: past a 20 s deadline, with every record stored and every offset
+        // committed). The broker drops this member after session.timeout.ms.
+        tracing::warn!(
+            deadline_ms = s.shutdown.deadline_ms,
+            "leaving the consumer group did not finish by the deadline (a rebalance in \
+             progress); every record is stored and every offset committed, so the broker \
+             will drop this member after session.timeout.ms"
+        );
+        closed = true;
+    }
+    tracing::info!(in_flight, "stopped");
     if let Some(why) = failure {
         return Err(why);
     }

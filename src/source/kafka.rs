@@ -56,6 +56,20 @@ pub struct SourceContext {
     drain_timeout: Duration,
     /// Set when the worker shuts down: no revoke drain runs past it.
     shutdown_deadline: Mutex<Option<Instant>>,
+    /// Whether the last commit left nothing stored uncommitted (it succeeded, or found
+    /// nothing to commit): at shutdown, what decides whether a group leave that did not
+    /// finish in time costs anything.
+    offsets_settled: std::sync::atomic::AtomicBool,
+}
+
+/// Whether a commit's outcome leaves nothing stored uncommitted: it succeeded, or found
+/// nothing to commit (`NoOffset`).
+fn commit_settles(result: &rdkafka::error::KafkaResult<()>) -> bool {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    matches!(
+        result,
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
+    )
 }
 
 impl ClientContext for SourceContext {
@@ -84,6 +98,21 @@ impl SourceContext {
     /// Bounds every later revoke drain (the one run by closing the consumer) by `at`.
     pub fn set_shutdown_deadline(&self, at: Instant) {
         *self.shutdown_deadline.lock().expect("deadline") = Some(at);
+    }
+
+    /// Notes a commit's outcome: settled if it succeeded or there was nothing to commit
+    /// (librdkafka's `NoOffset`: every stored offset is committed already). A commit
+    /// refused mid-rebalance (`RebalanceInProgress`) leaves its offsets stored for the
+    /// next one, so it is not settled.
+    pub fn note_commit(&self, result: &rdkafka::error::KafkaResult<()>) {
+        self.offsets_settled
+            .store(commit_settles(result), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the last commit settled every stored offset ([`SourceContext::note_commit`]).
+    pub fn offsets_settled(&self) -> bool {
+        self.offsets_settled
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn drain(&self, revoked: &[Tp]) {
@@ -159,7 +188,9 @@ impl ConsumerContext for SourceContext {
             // not stall a runtime worker (this callback runs inside the consumer's poll).
             blocking_here(|| {
                 self.drain(&revoked);
-                match consumer.commit_consumer_state(CommitMode::Sync) {
+                let committed = consumer.commit_consumer_state(CommitMode::Sync);
+                self.note_commit(&committed);
+                match committed {
                     Ok(()) => {}
                     Err(e) => {
                         tracing::debug!(error = %e, "commit on revoke (nothing stored is normal)")
@@ -254,6 +285,7 @@ pub fn consumer(
             metrics,
             drain_timeout,
             shutdown_deadline: Mutex::new(None),
+            offsets_settled: std::sync::atomic::AtomicBool::new(false),
         })
         .map_err(redacted)?;
     let topics: Vec<&str> = k.topics.iter().map(String::as_str).collect();
@@ -633,5 +665,26 @@ fn to_item<M: Message>(m: &M, cfg: &MessageSettings, metrics: &Metrics) -> Item 
 fn default_property(c: &mut ClientConfig, k: &KafkaSettings, name: &str, value: &str) {
     if !k.properties.keys().any(|p| p.replace('_', ".") == name) {
         c.set(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::commit_settles;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    #[test]
+    fn only_a_commit_that_leaves_nothing_stored_settles_the_offsets() {
+        assert!(commit_settles(&Ok(())));
+        assert!(commit_settles(&Err(KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::NoOffset
+        ))));
+        // Refused mid-rebalance: the stored offsets wait for the next commit.
+        assert!(!commit_settles(&Err(KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::RebalanceInProgress
+        ))));
+        assert!(!commit_settles(&Err(KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::RequestTimedOut
+        ))));
     }
 }
