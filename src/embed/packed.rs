@@ -248,29 +248,29 @@ unsafe fn attend_fixed<const D: usize, const QG: usize>(
     let lp = blocks * 16;
     scratch.kt.clear();
     scratch.kt.resize(blocks * D * 16, 0.0);
+    // Where the AVX-512 kernels run (the processor's choice, as every kernel's: not the
+    // query-group size, which the tests run at every value on any processor), a
+    // dimension of 16 keys is one gather, not 16 scalar moves.
     #[cfg(target_arch = "x86_64")]
-    let gathered = QG == 4 && {
-        // QG 4 is the AVX-512 build (`attend_avx512`): a dimension of 16 keys is one
-        // gather, not 16 scalar moves.
+    let gather = super::gemm::isa() == super::gemm::Isa::Avx512;
+    #[cfg(not(target_arch = "x86_64"))]
+    let gather = false;
+    if gather {
+        #[cfg(target_arch = "x86_64")]
         gather_keys::<D>(
             &qkv[(off * row + hidden + head * D)..],
             row,
             len,
             &mut scratch.kt,
         );
-        true
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let gathered = false;
-    // Through a block-sized slice: indexing the Vec itself re-read its pointer and
-    // length after every store (a sixth of attention's time).
-    for (b, kb) in scratch.kt.chunks_exact_mut(D * 16).enumerate() {
-        if gathered {
-            break;
-        }
-        for l in 0..16.min(len - b * 16) {
-            for (t, &v) in at(b * 16 + l, 1).iter().enumerate() {
-                kb[t * 16 + l] = v;
+    } else {
+        // Through a block-sized slice: indexing the Vec itself re-read its pointer and
+        // length after every store (a sixth of attention's time).
+        for (b, kb) in scratch.kt.chunks_exact_mut(D * 16).enumerate() {
+            for l in 0..16.min(len - b * 16) {
+                for (t, &v) in at(b * 16 + l, 1).iter().enumerate() {
+                    kb[t * 16 + l] = v;
+                }
             }
         }
     }
