@@ -19,6 +19,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::amx::{aligned, LINE};
 use super::gemm::{self, Epilogue, Isa, RowLinear};
 use super::ops::SendPtr;
 
@@ -98,8 +99,9 @@ pub struct CpuLayer<'a> {
 }
 
 thread_local! {
-    /// The Q/K/V and context rows of the pass in progress on this thread.
-    static PASS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// The Q/K/V, context and hidden rows of the pass in progress on this thread.
+    static PASS: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     /// A thread's row-block intermediates: `(rows, hidden)` and `(rows, intermediate)`.
     static BLOCK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -182,18 +184,21 @@ fn encode_scheduled(
     let threads = rayon::current_num_threads().max(1);
     // Reused across batches (fresh pages cost a fault each). Taken out of the cell, not
     // borrowed: a query cut in at `between` runs a nested `encode` on this thread.
-    let (mut qkv, mut ctx) = PASS.with(|c| c.take());
-    qkv.resize(tokens * 3 * hidden, 0.0);
-    ctx.resize(tokens * hidden, 0.0);
-    linear_all(first.qkv, x, tokens, &mut qkv, &Epilogue::Bias, threads);
+    let (mut qkv_rows, mut ctx_rows, mut x_rows) = PASS.with(|c| c.take());
+    let qkv = on_lines(&mut qkv_rows, tokens * 3 * hidden);
+    let ctx = on_lines(&mut ctx_rows, tokens * hidden);
+    let caller_x = x;
+    let x = on_lines(&mut x_rows, caller_x.len());
+    x.copy_from_slice(caller_x);
+    linear_all(first.qkv, x, tokens, qkv, &Epilogue::Bias, threads);
     for (i, layer) in layers.iter().enumerate() {
-        attention(&qkv, &mut ctx);
+        attention(qkv, ctx);
         let next = layers.get(i + 1).map(|l| l.qkv);
         match block_rows(tokens, threads, columns, align) {
             Some(block) => {
                 let xp = SendPtr(x.as_mut_ptr());
                 let qp = SendPtr(qkv.as_mut_ptr());
-                let ctx = &ctx;
+                let ctx = &*ctx;
                 (0..tokens.div_ceil(block)).into_par_iter().for_each(|b| {
                     let (xp, qp) = (&xp, &qp);
                     let r0 = b * block;
@@ -244,8 +249,9 @@ fn encode_scheduled(
     }
     // Kept only up to a typical batch's size: a rare long batch must not hold its
     // buffers for the life of the worker (the backlog memory bound, docs/PERFORMANCE.md).
-    if qkv.capacity() <= KEEP_FLOATS {
-        PASS.with(|c| c.replace((qkv, ctx)));
+    caller_x.copy_from_slice(x);
+    if qkv_rows.capacity() <= KEEP_FLOATS {
+        PASS.with(|c| c.replace((qkv_rows, ctx_rows, x_rows)));
     }
 }
 
@@ -270,8 +276,8 @@ fn rest_of_layer(
     threads: usize,
 ) {
     let hidden = layer.attn_out.n();
-    a.resize(m * hidden, 0.0);
-    inter.resize(m * layer.intermediate.n(), 0.0);
+    let a = on_lines(a, m * hidden);
+    let inter = on_lines(inter, m * layer.intermediate.n());
     linear_all(
         layer.attn_out,
         ctx,
@@ -301,6 +307,14 @@ fn rest_of_layer(
     if let Some(q) = next_qkv {
         linear_all(q, x, m, qkv, &Epilogue::Bias, threads);
     }
+}
+
+/// `len` floats of `v` from a 64-byte line on, so that a row of a multiple of 16 floats
+/// starts on a line and the tiles' 64-byte stores and loads never span two.
+fn on_lines(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    v.resize(len + LINE / 4, 0.0);
+    let at = aligned(v);
+    &mut v[at..at + len]
 }
 
 /// `out = epi(x Wᵀ)` for `m` rows: sequential with one thread, else split by columns.
