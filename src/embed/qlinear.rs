@@ -429,6 +429,25 @@ impl QLinear {
         }
     }
 
+    /// Where row tile number `tile` over column group `blk0` asks for the next group's
+    /// weights, a line a `k` step (`prefetcht1`): the first `NB` tiles each bring one of
+    /// the next group's blocks into L2 while they multiply; later tiles, and a range's
+    /// last group (the next range may run on the other core), ask for their own first
+    /// block, in L1 already. As the f32 tiles' next panel (`gemm::next_panel_ahead`): the
+    /// in-group prefetch (2 KiB ahead) left each group's first tile reading its weights
+    /// from L3 or memory. Intel Xeon, AMX denied (VNNI), interleaved processes: BERT-base
+    /// int8 333.5/340.0/333.0/346.4 → 345.8/362.1/340.7/366.9 sent/s (+2–7%, 4 of 4),
+    /// e5-small 974.5/1,022.3/976.1/1,002.5 → 951.0/1,029.7/1,013.4/1,013.8 (−2 to +4%).
+    fn next_group_ahead(&self, blk0: usize, next: bool, tile: usize) -> *const i8 {
+        let block_bytes = self.kp / 4 * 64;
+        let blk = if next && tile < NB {
+            blk0 + NB + tile
+        } else {
+            blk0
+        };
+        self.weights().as_ptr().wrapping_add(blk * block_bytes)
+    }
+
     /// The VNNI kernel's tiles (or the portable loop's) for `units`, over the `sa.len()`
     /// rows of `qa` (quantised by [`Self::quantize_rows`]).
     ///
@@ -448,7 +467,7 @@ impl QLinear {
             return self.tiles_amx(qa, sa, out, epi, units);
         }
         let fast = self.kernel == Kernel::Vnni;
-        for g in units {
+        for g in units.clone() {
             let blk0 = g * NB;
             let nb = NB.min(self.n.div_ceil(NB_COLS) - blk0);
             let mut r = 0;
@@ -458,8 +477,9 @@ impl QLinear {
                 let o = out.add(r * self.n);
                 let epi = epi.parts_at(r * self.n);
                 if fast {
+                    let ahead = self.next_group_ahead(blk0, g + 1 < units.end, r / MR);
                     #[cfg(target_arch = "x86_64")]
-                    vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, epi);
+                    vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, epi, ahead);
                 } else {
                     let cols = blk0 * NB_COLS..((blk0 + nb) * NB_COLS).min(self.n);
                     self.portable_tile(a, &sa[r..r + mr], cols, o, epi);
@@ -819,6 +839,7 @@ mod avx2 {
 
 /// Dispatches to the micro-kernel for this tile's shape (`sa.len()` rows ≤ MR, `nb` ≤ NB).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn vnni_tile(
     q: &QLinear,
     a: *const u8,
@@ -827,18 +848,19 @@ unsafe fn vnni_tile(
     nb: usize,
     out: *mut f32,
     epi: (bool, *const f32),
+    ahead: *const i8,
 ) {
     macro_rules! rows {
         ($nb:literal) => {
             match sa.len() {
-                8 => tile::<8, $nb>(q, a, sa, blk0, out, epi),
-                7 => tile::<7, $nb>(q, a, sa, blk0, out, epi),
-                6 => tile::<6, $nb>(q, a, sa, blk0, out, epi),
-                5 => tile::<5, $nb>(q, a, sa, blk0, out, epi),
-                4 => tile::<4, $nb>(q, a, sa, blk0, out, epi),
-                3 => tile::<3, $nb>(q, a, sa, blk0, out, epi),
-                2 => tile::<2, $nb>(q, a, sa, blk0, out, epi),
-                1 => tile::<1, $nb>(q, a, sa, blk0, out, epi),
+                8 => tile::<8, $nb>(q, a, sa, blk0, out, epi, ahead),
+                7 => tile::<7, $nb>(q, a, sa, blk0, out, epi, ahead),
+                6 => tile::<6, $nb>(q, a, sa, blk0, out, epi, ahead),
+                5 => tile::<5, $nb>(q, a, sa, blk0, out, epi, ahead),
+                4 => tile::<4, $nb>(q, a, sa, blk0, out, epi, ahead),
+                3 => tile::<3, $nb>(q, a, sa, blk0, out, epi, ahead),
+                2 => tile::<2, $nb>(q, a, sa, blk0, out, epi, ahead),
+                1 => tile::<1, $nb>(q, a, sa, blk0, out, epi, ahead),
                 _ => unreachable!("tile rows"),
             }
         };
@@ -852,7 +874,8 @@ unsafe fn vnni_tile(
 }
 
 /// `R` rows × `B` blocks of 16 channels: `R·B` accumulators live in registers for the
-/// whole `k` loop.
+/// whole `k` loop. Each step also asks for a line at `ahead` (see
+/// [`QLinear::next_group_ahead`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile<const R: usize, const B: usize>(
@@ -862,12 +885,14 @@ unsafe fn tile<const R: usize, const B: usize>(
     blk0: usize,
     out: *mut f32,
     (gelu, res): (bool, *const f32),
+    ahead: *const i8,
 ) {
     use std::arch::x86_64::*;
     let k4 = q.kp / 4;
     let mut acc = [[_mm512_setzero_si512(); B]; R];
     let w = q.weights().as_ptr();
     for kk in 0..k4 {
+        _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(kk * 64));
         let mut bv = [_mm512_setzero_si512(); B];
         for (j, v) in bv.iter_mut().enumerate() {
             *v = _mm512_loadu_si512(w.add(((blk0 + j) * k4 + kk) * 64).cast());
@@ -940,6 +965,26 @@ cpu_linear_op!(QLinear, "streambed-int8-linear");
 mod tests {
     use super::*;
     use crate::embed::gemm::tests::{lcg, reference};
+
+    /// The first `NB` tiles over a group point at the next group's blocks, one each, in
+    /// order; later tiles, and a range's last group, at the group's own first block.
+    #[test]
+    fn tiles_ask_for_the_next_group_one_block_each() {
+        let (n, k) = (NB * NB_COLS * 3, 40);
+        let q = QLinear::with_kernel(&vec![0.5; n * k], &vec![0.0; n], n, k, Kernel::Vnni);
+        let base = q.weights().as_ptr() as usize;
+        let block = q.kp / 4 * 64;
+        for tile in 0..NB {
+            let got = q.next_group_ahead(NB, true, tile) as usize;
+            assert_eq!(got - base, (2 * NB + tile) * block, "tile {tile}");
+        }
+        for (blk0, next, tile) in [(NB, true, NB), (NB, true, NB + 5), (NB, false, 0)] {
+            assert_eq!(
+                q.next_group_ahead(blk0, next, tile) as usize - base,
+                blk0 * block
+            );
+        }
+    }
 
     /// Odd shapes (k not a multiple of 4, n not of 16, m not of 8) exercise every edge.
     #[test]
