@@ -438,14 +438,20 @@ impl QLinear {
     /// from L3 or memory. Intel Xeon, AMX denied (VNNI), interleaved processes: BERT-base
     /// int8 333.5/340.0/333.0/346.4 → 345.8/362.1/340.7/366.9 sent/s (+2–7%, 4 of 4),
     /// e5-small 974.5/1,022.3/976.1/1,002.5 → 951.0/1,029.7/1,013.4/1,013.8 (−2 to +4%).
+    /// The AVX2 kernel with the same (`STREAMBED_INT8_KERNEL=avx2`, same Intel):
+    /// BERT-base 85.0/85.5/85.5/85.7 → 86.2/85.8/87.1/86.1, e5-small 321.3/319.0/316.0 →
+    /// 316.7/314.1/312.3 (−1.2 to −1.5%, 3 of 3): not kept there.
     fn next_group_ahead(&self, blk0: usize, next: bool, tile: usize) -> *const i8 {
-        let block_bytes = self.kp / 4 * 64;
-        let blk = if next && tile < NB {
-            blk0 + NB + tile
+        let per_group = self.kernel.unit() / self.kernel.block();
+        let blk = if next && tile < per_group {
+            blk0 + per_group + tile
         } else {
             blk0
         };
-        self.weights().as_ptr().wrapping_add(blk * block_bytes)
+        // A block is `block()` channels of `kp` bytes.
+        self.weights()
+            .as_ptr()
+            .wrapping_add(blk * self.kp * self.kernel.block())
     }
 
     /// The VNNI kernel's tiles (or the portable loop's) for `units`, over the `sa.len()`
