@@ -441,6 +441,7 @@ impl QLinear {
     /// The AVX2 kernel with the same (`STREAMBED_INT8_KERNEL=avx2`, same Intel):
     /// BERT-base 85.0/85.5/85.5/85.7 → 86.2/85.8/87.1/86.1, e5-small 321.3/319.0/316.0 →
     /// 316.7/314.1/312.3 (−1.2 to −1.5%, 3 of 3): not kept there.
+    #[cfg(target_arch = "x86_64")]
     fn next_group_ahead(&self, blk0: usize, next: bool, tile: usize) -> *const i8 {
         let per_group = self.kernel.unit() / self.kernel.block();
         let blk = if next && tile < per_group {
@@ -483,9 +484,11 @@ impl QLinear {
                 let o = out.add(r * self.n);
                 let epi = epi.parts_at(r * self.n);
                 if fast {
-                    let ahead = self.next_group_ahead(blk0, g + 1 < units.end, r / MR);
                     #[cfg(target_arch = "x86_64")]
-                    vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, epi, ahead);
+                    {
+                        let ahead = self.next_group_ahead(blk0, g + 1 < units.end, r / MR);
+                        vnni_tile(self, a, &sa[r..r + mr], blk0, nb, o, epi, ahead);
+                    }
                 } else {
                     let cols = blk0 * NB_COLS..((blk0 + nb) * NB_COLS).min(self.n);
                     self.portable_tile(a, &sa[r..r + mr], cols, o, epi);
@@ -974,6 +977,7 @@ mod tests {
 
     /// The first `NB` tiles over a group point at the next group's blocks, one each, in
     /// order; later tiles, and a range's last group, at the group's own first block.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn tiles_ask_for_the_next_group_one_block_each() {
         let (n, k) = (NB * NB_COLS * 3, 40);
