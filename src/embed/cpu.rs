@@ -378,6 +378,18 @@ mod tests {
         }
     }
 
+    /// Whatever the allocator returned and however the length changes between calls,
+    /// the rows start on a 64-byte line and are as long as asked.
+    #[test]
+    fn rows_start_on_a_line() {
+        let mut v = Vec::new();
+        for len in [1, 768, 3 * 768 * 7, 5, 3072 * 13] {
+            let rows = on_lines(&mut v, len);
+            assert_eq!(rows.len(), len);
+            assert_eq!(rows.as_ptr() as usize % LINE, 0, "len {len}");
+        }
+    }
+
     #[test]
     fn blocks_only_when_every_thread_gets_several() {
         assert_eq!(block_rows(10, 2, false, 1), None);
